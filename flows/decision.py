@@ -1,0 +1,318 @@
+"""The decision framework: which route a task takes, and why. Pure: no Prefect, no MLflow, no I/O.
+
+Rules (thresholds in `Policy`):
+1. Generic task (tag, ocr, detect_objects, detect_faces) -> vision_api, unless images may not leave the premises
+   or the API bill at the monthly volume exceeds self-hosting. Then: labelled data -> finetune a custom model on
+   premises; none -> vision_api with provider `local` (a pretrained model run on premises).
+2. Specific task (classify), ImageNet-like domain -> finetune, whatever the size (unless rule 4).
+3. Specific task, far domain: under `sufficient_for_scratch` labelled -> finetune with a weak-transfer warning;
+   at or above -> scratch, or finetune from a registered domain-pretrained checkpoint.
+4. proven_need with at least `sufficient_for_scratch` labelled -> scratch; with fewer -> finetune and a warning.
+5. Specific task without labelled data -> error saying what to provide.
+6. A forced route is honoured; the decision records the rule that would have applied and why they differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from visionroute.flows.costs import Prices, api_monthly_cost, route_costs, self_hosted_monthly
+from visionroute.flows.policy import DEFAULT_POLICY, Policy
+from visionroute.spec import Domain, Route, TaskSpec
+from visionroute.training.catalogue import choose_model
+
+LOCAL_PROVIDER = "local"
+
+
+class CannotDecide(ValueError):
+    """The spec is valid but no route can serve it; the message says what to provide."""
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """What the rules need to know about the labelled data (counted from data.path, or declared)."""
+
+    labeled_examples: int = 0
+    per_class: dict[str, int] | None = None
+
+
+@dataclass
+class Decision:
+    route: str
+    rule: str
+    reasons: list[str]
+    provider: str | None = None
+    model: str | None = None
+    rejected: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    costs: dict = field(default_factory=dict)
+    forced: bool = False
+    auto_rule: str | None = None
+    """With a forced route: the rule that would have applied."""
+    inputs: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Verdict:
+    route: Route
+    rule: str
+    reasons: list[str]
+    provider: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _models(spec: TaskSpec, examples: int) -> tuple[str, str]:
+    """(finetune model, scratch model) as priced: the named one, else the auto choice on a GPU."""
+    if spec.training.model != "auto":
+        return spec.training.model, spec.training.model
+    budget = spec.training.budget_minutes
+    return (
+        choose_model("finetune", examples, budget, gpu=True, hub=True),
+        choose_model("scratch", examples, budget, gpu=True, hub=True),
+    )
+
+
+def _generic(spec: TaskSpec, examples: int, costs: dict, prices: Prices, policy: Policy) -> _Verdict:
+    task, volume = spec.task.value, spec.constraints.monthly_volume
+    api = costs["vision_api"]
+    if not spec.constraints.external_api_allowed:
+        why = "images must not leave the premises (external_api_allowed: false)"
+        suffix = "private"
+    else:
+        self_model = costs["finetune"]["model"]
+        self_route = "finetune" if examples else None
+        self_cost = self_hosted_monthly(prices, self_model, self_route, examples, volume, policy.amortisation_months)
+        if api["monthly_usd"] <= self_cost:
+            return _Verdict(
+                Route.vision_api,
+                "generic-api",
+                [
+                    f"'{task}' is a generic task that cloud Vision APIs already do well.",
+                    f"At {volume:,} images/month the cheapest API ({api['provider']}) costs "
+                    f"${api['monthly_usd']:,.2f}/month, below self-hosting at ${self_cost:,.2f}/month.",
+                ],
+                provider=api["provider"],
+            )
+        why = (
+            f"at {volume:,} images/month the API bill (${api['monthly_usd']:,.2f}) exceeds self-hosting "
+            f"(${self_cost:,.2f}/month)"
+        )
+        suffix = "cost"
+    if examples:
+        return _Verdict(
+            Route.finetune,
+            f"generic-{suffix}-finetune",
+            [f"'{task}' is generic, but {why}.", f"{examples:,} labelled images allow a custom model on premises."],
+        )
+    return _Verdict(
+        Route.vision_api,
+        f"generic-{suffix}-local",
+        [f"'{task}' is generic, but {why}.", "With no labelled data, a pretrained model runs on premises."],
+        provider=LOCAL_PROVIDER,
+    )
+
+
+def _specific(spec: TaskSpec, examples: int, policy: Policy) -> _Verdict:
+    enough = policy.sufficient_for_scratch
+    if spec.constraints.proven_need:
+        if examples >= enough:
+            return _Verdict(
+                Route.scratch,
+                "proven-need-scratch",
+                [
+                    "A custom model is proven necessary at production scale (proven_need: true).",
+                    f"{examples:,} labelled images (>= {enough:,}) are enough to train from scratch.",
+                ],
+            )
+        verdict = _specific(spec.model_copy(update={"constraints": spec.constraints.model_copy(
+            update={"proven_need": False})}), examples, policy)
+        verdict.rule = "proven-need-insufficient-finetune" if verdict.route == Route.finetune else verdict.rule
+        verdict.warnings.append(
+            f"proven_need is set, but {examples:,} labelled images are fewer than the {enough:,} that justify "
+            "training from scratch; fine-tuning instead. Collect more labels to revisit."
+        )
+        return verdict
+    domain = spec.domain
+    if not policy.is_far(domain):
+        warnings = []
+        if domain == Domain.other:
+            warnings.append(
+                "domain 'other' is treated as ImageNet-like until it can be measured; declare the domain if "
+                "it is radar, microscopy or volumetric."
+            )
+        size = "limited" if examples < policy.limited_data else "plentiful"
+        return _Verdict(
+            Route.finetune,
+            "specific-imagenet-like-finetune",
+            [
+                f"Classifying the team's own classes is a specific task no generic API serves.",
+                f"'{domain.value}' images are ImageNet-like, so ImageNet features transfer; with {size} data "
+                f"({examples:,} labelled) fine-tuning a pretrained CNN is the efficient route.",
+            ],
+            warnings=warnings,
+        )
+    if examples < enough:
+        return _Verdict(
+            Route.finetune,
+            "specific-far-small-finetune",
+            [
+                f"'{domain.value}' images are far from ImageNet, but {examples:,} labelled images "
+                f"(< {enough:,}) are too few to train from scratch.",
+            ],
+            warnings=[
+                f"ImageNet features may transfer weakly to {domain.value} images; prefer a domain-pretrained "
+                "checkpoint (training.checkpoint) when one is registered."
+            ],
+        )
+    checkpoint = policy.domain_checkpoints.get(domain)
+    if checkpoint:
+        return _Verdict(
+            Route.finetune,
+            "specific-far-large-domain-finetune",
+            [
+                f"'{domain.value}' images are far from ImageNet and {examples:,} labelled images would allow "
+                f"scratch, but a domain-pretrained checkpoint is registered ({checkpoint}); fine-tuning it "
+                "is cheaper and starts closer.",
+            ],
+        )
+    return _Verdict(
+        Route.scratch,
+        "specific-far-large-scratch",
+        [
+            f"'{domain.value}' images are far from ImageNet, so ImageNet features help little.",
+            f"{examples:,} labelled images (>= {enough:,}) are enough to train a CNN from scratch.",
+        ],
+    )
+
+
+def _rejections(chosen: Route, spec: TaskSpec, verdict: _Verdict, costs: dict, examples: int) -> list[dict]:
+    why = {
+        Route.vision_api: (
+            costs["vision_api"].get("why", "")
+            if not costs["vision_api"]["applicable"]
+            else f"not chosen: {verdict.reasons[-1]}"
+        ),
+        Route.finetune: "no labelled data to fine-tune on" if not examples else f"not chosen: {verdict.reasons[-1]}",
+        Route.scratch: "no labelled data to train on" if not examples else f"not chosen: {verdict.reasons[-1]}",
+    }
+    return [{"route": route.value, "why": why[route]} for route in Route if route != chosen]
+
+
+def _class_checks(summary: DataSummary, policy: Policy) -> tuple[list[str], list[str]]:
+    """(errors, warnings) about per-class counts, for training routes."""
+    if not summary.per_class:
+        return [], []
+    errors, warnings = [], []
+    if len(summary.per_class) < 2:
+        errors.append(
+            f"only one class ({', '.join(summary.per_class)}) in the data; add a folder per class, at least two"
+        )
+    for name, count in sorted(summary.per_class.items()):
+        if count < policy.min_per_class:
+            errors.append(
+                f"class '{name}' has {count} labelled image(s); at least {policy.min_per_class} are needed to "
+                "train — add images or drop the class"
+            )
+        elif count < policy.warn_per_class:
+            warnings.append(
+                f"class '{name}' has {count} labelled images; fine-tuning works best with a few hundred per class"
+            )
+    return errors, warnings
+
+
+def decide(
+    spec: TaskSpec, summary: DataSummary | None = None, prices: Prices | None = None, policy: Policy = DEFAULT_POLICY
+) -> Decision:
+    """Choose the route for `spec`. Raises CannotDecide when no route can serve it."""
+    from visionroute.flows.costs import load_prices  # reads the bundled file once, then cached
+
+    prices = prices or load_prices()
+    declared = spec.data.labeled_examples if spec.data else None
+    summary = summary or DataSummary(labeled_examples=declared or 0)
+    examples = summary.labeled_examples
+    finetune_model, scratch_model = _models(spec, examples)
+    costs = route_costs(
+        prices,
+        spec.task,
+        examples,
+        spec.constraints.monthly_volume,
+        finetune_model=finetune_model,
+        scratch_model=scratch_model,
+        amortisation_months=policy.amortisation_months,
+    )
+
+    if spec.is_generic:
+        verdict = _generic(spec, examples, costs, prices, policy)
+    elif examples == 0:
+        raise CannotDecide(
+            f"task '{spec.name}' classifies into the team's own classes but has no labelled data: set data.path "
+            "to a folder with one sub-folder of images per class (or a .npz), or give data.labeled_examples"
+        )
+    else:
+        verdict = _specific(spec, examples, policy)
+
+    route, rule, reasons, provider = verdict.route, verdict.rule, list(verdict.reasons), verdict.provider
+    warnings = list(verdict.warnings)
+    forced = spec.route != "auto" and Route(spec.route) != verdict.route
+    if forced:
+        route, provider = Route(spec.route), None
+        rule = f"forced-{route.value}"
+        reasons = [
+            f"route '{route.value}' was forced in the spec and is honoured.",
+            f"The framework would have chosen '{verdict.route.value}' (rule {verdict.rule}): "
+            + " ".join(verdict.reasons),
+        ]
+        if route == Route.vision_api:
+            if not spec.constraints.external_api_allowed:
+                provider = LOCAL_PROVIDER
+                warnings.append("external APIs are not allowed, so the forced vision_api route runs locally")
+            elif not spec.is_generic:
+                raise CannotDecide(
+                    "route 'vision_api' was forced, but no Vision API knows the team's own classes; "
+                    "use route auto, finetune or scratch"
+                )
+            else:
+                provider = costs["vision_api"]["provider"]
+        if route != Route.vision_api and not examples:
+            raise CannotDecide(
+                f"route '{route.value}' was forced but there is no labelled data to train on; set data.path"
+            )
+        if route == Route.scratch and examples < policy.sufficient_for_scratch:
+            warnings.append(
+                f"training from scratch on {examples:,} labelled images (< {policy.sufficient_for_scratch:,}) "
+                "usually underperforms fine-tuning"
+            )
+
+    if route != Route.vision_api:
+        errors, class_warnings = _class_checks(summary, policy)
+        if errors:
+            raise CannotDecide("; ".join(errors))
+        warnings += class_warnings
+
+    model = {Route.finetune: finetune_model, Route.scratch: scratch_model}.get(route)
+    return Decision(
+        route=route.value,
+        rule=rule,
+        reasons=reasons,
+        provider=provider,
+        model=model,
+        rejected=_rejections(route, spec, verdict, costs, examples),
+        warnings=warnings,
+        costs=costs,
+        forced=forced,
+        auto_rule=verdict.rule if forced else None,
+        inputs={
+            "task": spec.task.value,
+            "generic": spec.is_generic,
+            "domain": spec.domain.value,
+            "far_from_imagenet": policy.is_far(spec.domain),
+            "labeled_examples": examples,
+            "per_class": summary.per_class,
+            "monthly_volume": spec.constraints.monthly_volume,
+            "external_api_allowed": spec.constraints.external_api_allowed,
+            "proven_need": spec.constraints.proven_need,
+        },
+    )

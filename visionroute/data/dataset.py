@@ -1,0 +1,275 @@
+"""One labelled image dataset abstraction, read from class folders or a MedMNIST-style .npz.
+
+Every file found is either a sample or a `Skipped` entry with its reason: nothing is dropped silently.
+Splits have three roles: train (fit), val (early stopping, probe selection) and test (held out for the
+final metrics and the registry comparison).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from visionroute.data.images import IMAGE_SUFFIXES, ImageRejected, load_rgb, read_header
+
+SPLITS = ("train", "val", "test")
+
+
+class DatasetError(ValueError):
+    """The data cannot be used; the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    ref: str
+    """File path, or `npz:<split>:<index>` for an array row."""
+    label: int
+    split: str | None
+    size: tuple[int, int] = (0, 0)
+    mode: str = ""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str
+    reason: str
+
+
+@dataclass
+class ImageDataset:
+    root: Path
+    classes: list[str]
+    samples: list[Sample]
+    skipped: list[Skipped] = field(default_factory=list)
+    _arrays: dict | None = field(default=None, repr=False)
+
+    def per_class(self) -> dict[str, int]:
+        counts = Counter(sample.label for sample in self.samples)
+        return {name: counts.get(index, 0) for index, name in enumerate(self.classes)}
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """{split: {class: count}}."""
+        table: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(self.classes, 0))
+        for sample in self.samples:
+            table[sample.split or "unsplit"][self.classes[sample.label]] += 1
+        return dict(table)
+
+    def split(self, name: str) -> list[Sample]:
+        return [sample for sample in self.samples if sample.split == name]
+
+    def load(self, sample: Sample) -> Image.Image:
+        """Decoded 8-bit RGB image; raises ImageRejected."""
+        if sample.ref.startswith("npz:"):
+            _, split, index = sample.ref.split(":")
+            return Image.fromarray(self._arrays[f"{split}_images"][int(index)]).convert("RGB")
+        return load_rgb(Path(sample.ref))
+
+    def split_manifest(self) -> dict:
+        """The exact assignment of samples to splits, saved with each run."""
+        rows = sorted((s.split or "", s.ref, self.classes[s.label]) for s in self.samples)
+        return {"classes": self.classes, "rows": [{"split": a, "ref": b, "label": c} for a, b, c in rows]}
+
+    def split_digest(self, split: str = "test") -> str:
+        rows = [row for row in self.split_manifest()["rows"] if row["split"] == split]
+        return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+
+    def without(self, rejected: dict[str, str]) -> ImageDataset:
+        """A copy with the samples whose ref is in `rejected` moved to the skipped list."""
+        kept = [sample for sample in self.samples if sample.ref not in rejected]
+        skipped = self.skipped + [Skipped(ref, reason) for ref, reason in rejected.items()]
+        return replace(self, samples=kept, skipped=skipped)
+
+    def profile(self) -> dict:
+        widths = [s.size[0] for s in self.samples if s.size[0]]
+        heights = [s.size[1] for s in self.samples if s.size[1]]
+        per_class = self.per_class()
+        nonzero = [count for count in per_class.values() if count]
+        return {
+            "source": str(self.root),
+            "classes": self.classes,
+            "labeled_examples": len(self.samples),
+            "per_class": per_class,
+            "per_split": self.counts(),
+            "imbalance_ratio": round(max(nonzero) / min(nonzero), 2) if nonzero else None,
+            "width": _spread(widths),
+            "height": _spread(heights),
+            "modes": dict(Counter(s.mode for s in self.samples)),
+            "skipped": len(self.skipped),
+        }
+
+
+def _spread(values: list[int]) -> dict | None:
+    if not values:
+        return None
+    return {"min": int(min(values)), "median": float(np.median(values)), "max": int(max(values))}
+
+
+def _scan_class_folder(folder: Path, label: int, split: str | None) -> tuple[list[Sample], list[Skipped]]:
+    samples, skipped = [], []
+    for path in sorted(folder.rglob("*")):
+        if path.is_dir() or path.name.startswith("."):
+            continue
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            skipped.append(Skipped(str(path), f"not an image file type ({path.suffix or 'no extension'})"))
+            continue
+        try:
+            fmt, mode, size = read_header(path)
+        except ImageRejected as error:
+            skipped.append(Skipped(str(path), str(error)))
+            continue
+        samples.append(Sample(str(path), label, split, size, mode))
+    return samples, skipped
+
+
+def _scan_folders(root: Path, classes: list[str] | None) -> ImageDataset:
+    split_dirs = [root / name for name in SPLITS if (root / name).is_dir()]
+    layout = [(d.name, d) for d in split_dirs] if split_dirs else [(None, root)]
+    found = sorted({p.name for _, d in layout for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")})
+    if not found:
+        raise DatasetError(
+            f"{root}: no class folders found; put the images of each class in their own sub-folder "
+            "(optionally under train/ val/ test/)"
+        )
+    if classes is None:
+        classes = found
+    else:
+        missing = [name for name in classes if name not in found]
+        extra = [name for name in found if name not in classes]
+        if missing:
+            raise DatasetError(f"{root}: no folder for class(es) {missing}; create them or fix 'classes'")
+        if extra:
+            raise DatasetError(
+                f"{root}: folder(s) {extra} are not in 'classes' {classes}; add them to 'classes' or move them out"
+            )
+    samples: list[Sample] = []
+    skipped: list[Skipped] = []
+    for split, base in layout:
+        for label, name in enumerate(classes):
+            folder = base / name
+            if folder.is_dir():
+                more, bad = _scan_class_folder(folder, label, split)
+                samples += more
+                skipped += bad
+    dataset = ImageDataset(root, list(classes), samples, skipped)
+    empty = [name for name, count in dataset.per_class().items() if count == 0]
+    if empty:
+        raise DatasetError(f"{root}: class folder(s) {empty} hold no usable images; add images or remove them")
+    return dataset
+
+
+def _scan_npz(path: Path, classes: list[str] | None) -> ImageDataset:
+    try:
+        arrays = dict(np.load(path))
+    except Exception as error:  # numpy raises several types for a bad archive
+        raise DatasetError(f"{path}: not a readable .npz archive ({error})") from None
+    splits = [name for name in SPLITS if f"{name}_images" in arrays]
+    if not splits:
+        raise DatasetError(f"{path}: expected arrays named train_images/train_labels (MedMNIST layout)")
+    samples = []
+    labels_seen: set[int] = set()
+    for split in splits:
+        images, labels = arrays[f"{split}_images"], arrays.get(f"{split}_labels")
+        if labels is None or len(labels) != len(images):
+            got = "none" if labels is None else len(labels)
+            raise DatasetError(f"{path}: {split}_images has {len(images)} rows but {split}_labels has {got}")
+        labels = np.asarray(labels).reshape(len(labels), -1)[:, 0].astype(int)
+        labels_seen.update(labels.tolist())
+        height, width = images.shape[1:3]
+        mode = "L" if images.ndim == 3 else "RGB"
+        samples += [Sample(f"npz:{split}:{i}", int(y), split, (width, height), mode) for i, y in enumerate(labels)]
+    count = max(labels_seen) + 1
+    classes = classes or [str(index) for index in range(count)]
+    if min(labels_seen) < 0 or count > len(classes):
+        raise DatasetError(f"{path}: labels {sorted(labels_seen)} fall outside the {len(classes)} classes {classes}")
+    return ImageDataset(path, list(classes), samples, [], arrays)
+
+
+def scan_dataset(path: Path, classes: list[str] | None = None) -> ImageDataset:
+    """Find every labelled image under `path` (reading headers only); bad files go to `skipped`."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"data.path {path} does not exist; point it at a folder of class sub-folders or a .npz")
+    if path.is_file():
+        if path.suffix != ".npz":
+            raise DatasetError(f"data.path {path} is a file but not a .npz; point it at a folder or a .npz")
+        return _scan_npz(path, classes)
+    return _scan_folders(path, classes)
+
+
+def count_examples(path: Path, classes: list[str] | None = None) -> dict[str, int]:
+    """Labelled images per class, counted by file type without decoding (fast, for `decide`)."""
+    dataset = scan_dataset(path, classes)
+    return dataset.per_class()
+
+
+def _stratified_take(samples: list[Sample], fraction: float, rng: random.Random) -> tuple[list, list]:
+    """Split off about `fraction` of each class (at least one image when the class has two or more)."""
+    by_label: dict[int, list[Sample]] = defaultdict(list)
+    for sample in samples:
+        by_label[sample.label].append(sample)
+    taken, rest = [], []
+    for label in sorted(by_label):
+        group = sorted(by_label[label], key=lambda s: s.ref)
+        rng.shuffle(group)
+        k = max(1, round(len(group) * fraction)) if len(group) >= 2 else 0
+        taken += group[:k]
+        rest += group[k:]
+    return taken, rest
+
+
+def assign_splits(dataset: ImageDataset, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15):
+    """Give every sample a train/val/test role, deterministically for a seed.
+
+    Given train/val/test are kept. Given train/val only: val becomes the held-out test split and a val split
+    is carved from train, so the reported figure is never the one early stopping chose on.
+    """
+    rng = random.Random(seed)
+    present = {sample.split for sample in dataset.samples}
+    if {"train", "val", "test"} <= present:
+        return dataset
+    if "train" in present and "val" in present and "test" not in present:
+        train = [s for s in dataset.samples if s.split == "train"]
+        tests = [replace(s, split="test") for s in dataset.samples if s.split == "val"]
+        val, train = _stratified_take(train, val_fraction, rng)
+    else:
+        pool = list(dataset.samples)
+        tests, pool = _stratified_take(pool, test_fraction, rng)
+        val, train = _stratified_take(pool, val_fraction / (1 - test_fraction), rng)
+        tests = [replace(s, split="test") for s in tests]
+    samples = [replace(s, split="train") for s in train] + [replace(s, split="val") for s in val] + tests
+    return replace(dataset, samples=samples)
+
+
+def decode_all(dataset: ImageDataset, transform, workers: int = 2, progress: bool = True):
+    """Decode each image once and apply `transform` (e.g. resize); returns ({ref: result}, {ref: reason}).
+
+    Threads, because PIL releases the GIL while decoding and resizing.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    def work(sample: Sample):
+        try:
+            return sample.ref, transform(dataset.load(sample)), None
+        except ImageRejected as error:
+            return sample.ref, None, str(error)
+
+    results, rejected = {}, {}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        iterator = pool.map(work, dataset.samples)
+        for ref, value, reason in tqdm(
+            iterator, total=len(dataset.samples), desc="decode", unit="img", disable=not progress, leave=False
+        ):
+            if reason is None:
+                results[ref] = value
+            else:
+                rejected[ref] = reason
+    return results, rejected

