@@ -272,4 +272,18 @@ def decode_all(dataset: ImageDataset, transform, workers: int = 2, progress: boo
                 results[ref] = value
             else:
                 rejected[ref] = reason
+    _release_decoder_memory()
     return results, rejected
+
+
+def _release_decoder_memory() -> None:
+    """Hand freed decode buffers back to the OS: glibc keeps them in per-thread arenas otherwise."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.util.find_library("c")
+    if libc:
+        try:
+            ctypes.CDLL(libc).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass

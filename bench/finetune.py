@@ -1,0 +1,104 @@
+"""Fine-tune benchmark: accuracy, wall time, and training throughput against a raw loop in the same process.
+
+    python bench/finetune.py ../shared/datasets/hymenoptera_data [--model tf_efficientnet_lite0] [--budget 90]
+
+Reports the accuracy on the held-out split (hymenoptera's val/ folder; early stopping uses a slice of train),
+wall seconds from scan to test metrics, training images/s, the ratio of that to a raw forward+backward+step
+loop of the same model, batch size and input size on random tensors, and peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from visionroute.data.dataset import assign_splits, scan_dataset
+from visionroute.training.engine import (
+    Preprocessing,
+    TrainConfig,
+    _set_bn_eval,
+    build_model,
+    prepare_data,
+    train,
+)
+from visionroute.training.weights import load_pretrained, resolve_pretrained
+
+
+def raw_images_per_s(model_name: str, num_classes: int, batch: int, size: int, steps: int = 12) -> float:
+    """A bare timm loop on random tensors: the ceiling the engine's training throughput is compared with.
+    Median step throughput, as for the engine: single steps on this machine occasionally stall 10x."""
+    model = build_model(model_name, num_classes)
+    model.train()
+    _set_bn_eval(model)  # the engine freezes BN statistics on small data; compare like with like
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, num_classes, (batch,))
+    rates = []
+    for step in range(steps + 1):
+        started = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if step:  # the first step pays one-off set-up, excluded on both sides
+            rates.append(batch / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data_root")
+    parser.add_argument("--model", default="tf_efficientnet_lite2")
+    parser.add_argument("--budget", type=float, default=90.0, help="wall-clock budget in seconds")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    batch = 8
+    # Baseline first, in a fresh process state; peak RSS is read before it so it counts training alone.
+    dataset_classes = len(scan_dataset(args.data_root).classes)
+    size = build_model(args.model, dataset_classes).pretrained_cfg["input_size"][-1]
+    raw = raw_images_per_s(args.model, dataset_classes, batch, size)
+    started = time.perf_counter()
+    dataset = assign_splits(scan_dataset(args.data_root), seed=args.seed)
+    model = build_model(args.model, len(dataset.classes))
+    load_pretrained(model, resolve_pretrained(args.model, model), len(dataset.classes))
+    prep = Preprocessing.for_model(model, args.model, dataset.classes)
+    data = prepare_data(dataset, prep)
+    config = TrainConfig(args.model, max_epochs=args.epochs, batch_size=batch, seed=args.seed,
+                         budget_seconds=args.budget - (time.perf_counter() - started))
+    result = train(config, model, data)
+    wall = time.perf_counter() - started
+    engine_rate = statistics.median(result.step_images_per_s)
+    figures = {
+        "model": args.model,
+        "held_out_accuracy": round(result.test["accuracy"], 4),
+        "held_out_examples": result.test["examples"],
+        "probe_val_accuracy": result.probe and round(result.probe["val_accuracy"], 4),
+        "epochs_run": len(result.history),
+        "best_epoch": result.best_epoch,
+        "stopped": result.stopped,
+        "wall_seconds": round(wall, 1),
+        "train_images_per_s_end_to_end": round(result.train_images_per_s, 2),
+        "train_images_per_s_median_step": round(engine_rate, 2),
+        "raw_images_per_s_median_step": round(raw, 2),
+        "throughput_ratio": round(engine_rate / raw, 3),
+        "first_step_seconds": round(result.first_step_seconds, 2),
+        "batch": batch,
+        "input_size": prep.input_size,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "skipped": len(dataset.skipped) + len(data.rejected),
+        "torch_threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+    }
+    print(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()

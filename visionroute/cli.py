@@ -1,0 +1,119 @@
+"""`visionroute` command line: each subcommand is a thin call into the functions the flows use.
+
+Exit codes: 0 done; 2 bad input (spec, data, price file, or no route can serve the task); 1 a route failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+BAD_INPUT, FAILED = 2, 1
+
+
+def _schema(args) -> int:
+    from visionroute.spec import spec_json_schema
+
+    print(json.dumps(spec_json_schema(), indent=2))
+    return 0
+
+
+def _decide(args) -> int:
+    from visionroute.flows.artifacts import decision_markdown
+    from visionroute.planning import plan
+
+    status = 0
+    for spec_path in args.spec:
+        result = plan(spec_path, args.prices)
+        if args.json:
+            print(json.dumps({"spec": spec_path, "name": result.spec.name, **result.decision.to_dict()}, indent=2))
+        else:
+            print(decision_markdown(result.spec.name, result.decision))
+    return status
+
+
+def _run(args) -> int:
+    from visionroute.flows.route import route_image_task
+
+    outcome = route_image_task(args.spec, args.prices)
+    result = outcome["result"]
+    print(f"\nparent MLflow run: {outcome['parent_run_id']}  (tracking store: {outcome['tracking_uri']})")
+    if result.get("model_version"):
+        alias = "champion" if result["promoted"] else "challenger"
+        print(f"registered model: models:/{result['model_name']}/{result['model_version']} "
+              f"(models:/{result['model_name']}@{alias})")
+    return 0
+
+
+def _predict(args) -> int:
+    from visionroute.predict import predict_paths
+
+    rows = predict_paths(args.model, [Path(p) for p in args.paths], args.out, top_k=args.top_k)
+    if not args.out:
+        for row in rows:
+            print(json.dumps(row))
+    bad = sum(1 for row in rows if row.get("error"))
+    print(f"{len(rows) - bad} image(s) labelled, {bad} skipped" + (f"; written to {args.out}" if args.out else ""),
+          file=sys.stderr)
+    return 0 if len(rows) > bad else BAD_INPUT
+
+
+def _backends(args) -> int:
+    from visionroute.backends import list_backends
+
+    print("\n".join(list_backends()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="visionroute", description="Route image tasks by a documented framework.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    schema = commands.add_parser("schema", help="print the task spec's JSON schema")
+    schema.set_defaults(handler=_schema)
+
+    decide = commands.add_parser("decide", help="print the route the framework chooses for each spec")
+    decide.add_argument("spec", nargs="+", help="task spec YAML file(s)")
+    decide.add_argument("--json", action="store_true", help="machine-readable decision")
+    decide.add_argument("--prices", help="price file (default: $VISIONROUTE_PRICES or the bundled one)")
+    decide.set_defaults(handler=_decide)
+
+    run = commands.add_parser("run", help="run the route-image-task flow for a spec (decide, train/call, track)")
+    run.add_argument("spec")
+    run.add_argument("--prices")
+    run.set_defaults(handler=_run)
+
+    predict = commands.add_parser("predict", help="label images with a registered model")
+    predict.add_argument("--model", required=True, help="e.g. models:/ants-vs-bees@champion")
+    predict.add_argument("paths", nargs="+", help="image files or folders")
+    predict.add_argument("--out", help="write JSON lines here instead of stdout")
+    predict.add_argument("--top-k", type=int, default=3)
+    predict.set_defaults(handler=_predict)
+
+    backends = commands.add_parser("backends", help="list the registered route backends")
+    backends.set_defaults(handler=_backends)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from visionroute.backends import BackendUnavailable
+    from visionroute.data.dataset import DatasetError
+    from visionroute.flows.decision import CannotDecide
+    from visionroute.spec import SpecError
+    from visionroute.training.weights import WeightsError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (SpecError, DatasetError, CannotDecide, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return BAD_INPUT
+    except (BackendUnavailable, WeightsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Log a trained model to MLflow, register it, and move `champion` only when it wins on the same test split.
+
+A new version always gets alias `challenger`. `champion` moves to it when there is none yet, or when it beats
+the current champion evaluated on this run's own test split (not on figures from another split). The
+comparison is written to the version's tags. A failure after the version is created deletes it: nothing is
+left half-registered.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import timm
+import torch
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+
+from visionroute.training.engine import Preprocessing, evaluate, preprocessing_dict
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+@dataclass
+class Registration:
+    name: str
+    version: str
+    promoted: bool
+    comparison: dict
+
+
+def _pip_requirements() -> list[str]:
+    return [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"timm=={timm.__version__}",
+        f"mlflow=={mlflow.__version__}",
+        "pillow",
+        "numpy",
+    ]
+
+
+def log_model(run_id: str, model: torch.nn.Module, prep: Preprocessing) -> str:
+    """Log the model with signature, input example, pinned requirements and its preprocessing; returns its URI."""
+    model = model.cpu().eval()
+    example = np.zeros((1, 3, prep.input_size, prep.input_size), dtype=np.float32)
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    with tempfile.TemporaryDirectory() as folder:
+        prep_file = Path(folder) / "preprocessing.json"
+        prep_file.write_text(json.dumps(preprocessing_dict(prep), indent=2))
+        # mlflow.pytorch.log_model attaches to the active run; it is entered here, in this thread, by id.
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(
+                model,
+                name="model",
+                signature=infer_signature(example, output),
+                input_example=example,
+                pip_requirements=_pip_requirements(),
+                extra_files=[str(prep_file)],
+                metadata={"preprocessing": preprocessing_dict(prep)},
+            )
+    return info.model_uri
+
+
+def load_preprocessing(model_uri: str) -> Preprocessing:
+    """The preprocessing a registered model was trained with."""
+    folder = mlflow.artifacts.download_artifacts(f"{model_uri}/extra_files/preprocessing.json")
+    data = json.loads(Path(folder).read_text())
+    data["mean"], data["std"] = tuple(data["mean"]), tuple(data["std"])
+    return Preprocessing(**data)
+
+
+TestSet = Callable[[Preprocessing], tuple[torch.Tensor, torch.Tensor]]
+"""Builds this run's test split (uint8 crops, labels) at a given model's preprocessing."""
+
+
+def _champion_on_split(client: MlflowClient, name: str, classes: list[str], test_set: TestSet) -> dict | None:
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return None
+    uri = f"models:/{name}@{CHAMPION}"
+    prep = load_preprocessing(uri)
+    if prep.classes != classes:
+        return {"version": champion.version, "comparable": False,
+                "why": f"champion classes {prep.classes} differ from {classes}"}
+    model = mlflow.pytorch.load_model(uri, map_location="cpu")
+    test_x, test_y = test_set(prep)  # at the champion's own input size, which may differ
+    metrics = evaluate(model, test_x, test_y, prep)
+    return {"version": champion.version, "comparable": True, "accuracy": metrics["accuracy"],
+            "macro_f1": metrics["macro_f1"]}
+
+
+def register_and_promote(
+    client: MlflowClient,
+    name: str,
+    model_uri: str,
+    run_id: str,
+    test_metrics: dict,
+    split_digest: str,
+    classes: list[str],
+    test_set: TestSet,
+    tags: dict,
+) -> Registration:
+    """Register `model_uri` under `name`; alias challenger; champion if it beats the current one."""
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(name, description=f"visionroute task {name}")
+    current = _champion_on_split(client, name, classes, test_set)
+    version = client.create_model_version(name, model_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()})
+    try:
+        challenger = {"accuracy": test_metrics["accuracy"], "macro_f1": test_metrics["macro_f1"]}
+        if current is None:
+            promoted, why = True, "first version: no champion yet"
+        elif not current["comparable"]:
+            promoted, why = False, current["why"] + "; champion kept, promote by hand if intended"
+        else:
+            promoted = (challenger["accuracy"], challenger["macro_f1"]) > (current["accuracy"], current["macro_f1"])
+            why = (
+                f"challenger accuracy {challenger['accuracy']:.4f} vs champion v{current['version']} "
+                f"{current['accuracy']:.4f} on the same test split"
+            )
+        comparison = {"promoted": promoted, "why": why, "test_split": split_digest, "challenger": challenger,
+                      "champion": current}
+        version_tags = {
+            "test_split_sha": split_digest,
+            "test_accuracy": f"{challenger['accuracy']:.4f}",
+            "test_macro_f1": f"{challenger['macro_f1']:.4f}",
+            "compared_with": f"v{current['version']}" if current else "none",
+            "champion_test_accuracy": f"{current['accuracy']:.4f}" if current and current["comparable"] else "n/a",
+            "promoted": str(promoted).lower(),
+            "promotion_reason": why,
+        }
+        for key, value in version_tags.items():
+            client.set_model_version_tag(name, version.version, key, value)
+        client.set_registered_model_alias(name, CHALLENGER, version.version)
+        if promoted:
+            client.set_registered_model_alias(name, CHAMPION, version.version)
+    except Exception:
+        client.delete_model_version(name, version.version)
+        raise
+    return Registration(name, version.version, promoted, comparison)

@@ -1,0 +1,49 @@
+"""From a spec file to a decision: the steps the CLI and the Prefect flow share (no Prefect here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from visionroute.data.dataset import DatasetError, ImageDataset, scan_dataset
+from visionroute.flows.costs import load_prices
+from visionroute.flows.decision import DataSummary, Decision, decide
+from visionroute.spec import TaskSpec, load_spec
+
+
+@dataclass
+class Plan:
+    spec: TaskSpec
+    dataset: ImageDataset | None
+    summary: DataSummary
+    decision: Decision
+
+
+def read_data(spec: TaskSpec) -> tuple[ImageDataset | None, DataSummary]:
+    """Scan data.path when given (headers only); otherwise trust data.labeled_examples."""
+    data = spec.data
+    if data is None or data.path is None:
+        return None, DataSummary(labeled_examples=(data.labeled_examples if data else None) or 0)
+    dataset = scan_dataset(data.path, spec.classes)
+    # The folder is the truth; a different declared figure becomes a warning in `plan`.
+    return dataset, DataSummary(labeled_examples=len(dataset.samples), per_class=dataset.per_class())
+
+
+def plan(spec_path: str, prices_path: str | None = None) -> Plan:
+    """Load, scan and decide. Raises SpecError, DatasetError or CannotDecide with a message for a person."""
+    spec = load_spec(spec_path)
+    dataset, summary = read_data(spec)
+    decision = decide(spec, summary, load_prices(prices_path))
+    if spec.data and spec.data.labeled_examples is not None and dataset is not None \
+            and spec.data.labeled_examples != summary.labeled_examples:
+        decision.warnings.append(
+            f"data.labeled_examples says {spec.data.labeled_examples:,} but {summary.labeled_examples:,} usable "
+            f"images were found in {spec.data.path}; the count found was used"
+        )
+    if dataset is not None and dataset.skipped:
+        decision.warnings.append(
+            f"{len(dataset.skipped)} file(s) in the data folder will be skipped (listed in skipped.json)"
+        )
+    return Plan(spec, dataset, summary, decision)
+
+
+__all__ = ["DatasetError", "Plan", "plan", "read_data"]

@@ -1,0 +1,68 @@
+"""Label new images with a registered model, using the preprocessing it was trained with."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from visionroute import tracking
+from visionroute.data.images import IMAGE_SUFFIXES, ImageRejected, load_rgb
+
+
+def _expand(paths: list[Path]) -> list[Path]:
+    files = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            files.append(path)
+    return files
+
+
+def predict_paths(model_uri: str, paths: list[Path], out: str | None = None, top_k: int = 3,
+                  batch_size: int = 16) -> list[dict]:
+    """One row per image: path, sha256, label, score, top-k; unreadable images get `error` and no label."""
+    import mlflow.pytorch
+
+    from visionroute.model_registry import load_preprocessing
+
+    tracking.configure()
+    try:
+        prep = load_preprocessing(model_uri)
+        model = mlflow.pytorch.load_model(model_uri, map_location="cpu").eval()
+    except Exception as error:  # MLflow raises several types for an unknown name, version or alias
+        raise ValueError(f"cannot load model {model_uri} from {tracking.tracking_uri()}: {error}") from None
+    rows: list[dict] = []
+    pending: list[tuple[dict, torch.Tensor]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        with torch.no_grad():
+            probabilities = model(torch.cat([x for _, x in pending])).softmax(-1)
+        for (row, _), p in zip(pending, probabilities, strict=True):
+            scores, indices = p.topk(min(top_k, len(prep.classes)))
+            row["label"] = prep.classes[int(indices[0])]
+            row["score"] = round(float(scores[0]), 6)
+            row["top_k"] = [{"label": prep.classes[int(i)], "score": round(float(s), 6)}
+                            for s, i in zip(scores, indices, strict=True)]
+        pending.clear()
+
+    for path in _expand(paths):
+        row: dict = {"path": str(path)}
+        rows.append(row)
+        try:
+            row["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+            pending.append((row, prep.eval_input(load_rgb(path))))
+        except (ImageRejected, OSError) as error:
+            row["error"] = str(error)
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return rows

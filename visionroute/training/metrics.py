@@ -1,0 +1,63 @@
+"""Classification metrics and the confusion-matrix picture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """Rows are true classes, columns predicted."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (labels, predictions), 1)
+    return matrix
+
+
+def classification_report(labels, predictions, classes: list[str]) -> dict:
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    matrix = confusion_matrix(labels, predictions, len(classes))
+    true_positive = np.diag(matrix).astype(float)
+    support = matrix.sum(axis=1)
+    predicted = matrix.sum(axis=0)
+    precision = np.divide(true_positive, predicted, out=np.zeros_like(true_positive), where=predicted > 0)
+    recall = np.divide(true_positive, support, out=np.zeros_like(true_positive), where=support > 0)
+    denominator = precision + recall
+    f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(true_positive), where=denominator > 0)
+    present = support > 0
+    return {
+        "accuracy": float(true_positive.sum() / max(1, len(labels))),
+        "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "per_class": {
+            name: {"precision": float(precision[i]), "recall": float(recall[i]), "support": int(support[i])}
+            for i, name in enumerate(classes)
+        },
+        "confusion_matrix": matrix.tolist(),
+        "examples": int(len(labels)),
+    }
+
+
+def plot_confusion_matrix(matrix, classes: list[str], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = np.asarray(matrix)
+    size = max(4.0, 0.6 * len(classes) + 2)
+    figure, axes = plt.subplots(figsize=(size, size))
+    axes.imshow(matrix, cmap="Blues")
+    axes.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    axes.set_yticks(range(len(classes)), classes)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(title)
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for (row, column), value in np.ndenumerate(matrix):
+        colour = "white" if value > threshold else "black"
+        axes.text(column, row, str(value), ha="center", va="center", color=colour)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
