@@ -7,6 +7,7 @@ comparing routes, not quotes.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -107,14 +108,18 @@ def self_hosted_monthly(
     return train + hosting_monthly_cost(prices, model, volume)
 
 
-def break_even_volume(prices: Prices, provider: str, task: Task, self_hosted_at: callable) -> int | None:
-    """Smallest monthly volume at which the API bill exceeds self-hosting, or None past 10 billion."""
+def break_even_volume(prices: Prices, task: Task, self_hosted_at: Callable[[int], float]) -> int | None:
+    """Smallest monthly volume at which the cheapest API's bill exceeds self-hosting, or None past 10 billion.
+    The cheapest provider changes with volume (free tiers), so it is chosen at each volume tried."""
+    def api_at(volume: int) -> float:
+        return cheapest_provider(prices, task, volume)[1]
+
     low, high = 0, 10_000_000_000
-    if api_monthly_cost(prices, provider, task, high) <= self_hosted_at(high):
+    if api_at(high) <= self_hosted_at(high):
         return None
     while high - low > 1:
         middle = (low + high) // 2
-        if api_monthly_cost(prices, provider, task, middle) > self_hosted_at(middle):
+        if api_at(middle) > self_hosted_at(middle):
             high = middle
         else:
             low = middle
@@ -164,5 +169,5 @@ def route_costs(
         "by_provider": by_provider,
     }
     costs["self_hosted_monthly_usd"] = round(self_hosted(volume), 2)
-    costs["break_even_monthly_volume"] = break_even_volume(prices, provider, task, self_hosted)
+    costs["break_even_monthly_volume"] = break_even_volume(prices, task, self_hosted)
     return costs

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from visionroute.flows.costs import Prices, api_monthly_cost, route_costs, self_hosted_monthly
+from visionroute.flows.costs import Prices, cheapest_provider, route_costs, self_hosted_monthly
 from visionroute.flows.policy import DEFAULT_POLICY, Policy
 from visionroute.spec import Domain, Route, TaskSpec
 from visionroute.training.catalogue import choose_model
@@ -85,7 +85,7 @@ def _generic(spec: TaskSpec, examples: int, costs: dict, prices: Prices, policy:
         self_model = costs["finetune"]["model"]
         self_route = "finetune" if examples else None
         self_cost = self_hosted_monthly(prices, self_model, self_route, examples, volume, policy.amortisation_months)
-        if api["monthly_usd"] <= self_cost:
+        if cheapest_provider(prices, spec.task, volume)[1] <= self_cost:  # unrounded, as break-even is
             return _Verdict(
                 Route.vision_api,
                 "generic-api",
@@ -188,16 +188,37 @@ def _specific(spec: TaskSpec, examples: int, policy: Policy) -> _Verdict:
     )
 
 
-def _rejections(chosen: Route, spec: TaskSpec, verdict: _Verdict, costs: dict, examples: int) -> list[dict]:
-    why = {
-        Route.vision_api: (
-            costs["vision_api"].get("why", "")
-            if not costs["vision_api"]["applicable"]
-            else f"not chosen: {verdict.reasons[-1]}"
-        ),
-        Route.finetune: "no labelled data to fine-tune on" if not examples else f"not chosen: {verdict.reasons[-1]}",
-        Route.scratch: "no labelled data to train on" if not examples else f"not chosen: {verdict.reasons[-1]}",
-    }
+def _rejections(chosen: Route, spec: TaskSpec, costs: dict, examples: int, policy: Policy) -> list[dict]:
+    """Why each route other than `chosen` was not taken, in words specific to this task."""
+    enough, far = policy.sufficient_for_scratch, policy.is_far(spec.domain)
+    api = costs["vision_api"]
+    if not api["applicable"]:
+        api_why = api["why"]
+    elif not spec.constraints.external_api_allowed:
+        api_why = "images may not leave the premises (external_api_allowed: false)"
+    elif chosen == Route.vision_api:
+        api_why = ""
+    else:
+        api_why = (f"${api['monthly_usd']:,.2f}/month at {spec.constraints.monthly_volume:,} images is more than "
+                   f"self-hosting (${costs.get('self_hosted_monthly_usd', 0):,.2f}/month)")
+    if not examples:
+        finetune_why = scratch_why = "no labelled data to train on"
+    else:
+        finetune_why = (
+            f"the {api.get('provider')} API already does this generic task at "
+            f"${api.get('monthly_usd', 0):,.2f}/month" if chosen == Route.vision_api and spec.is_generic
+            else f"'{spec.domain.value}' is far from ImageNet and {examples:,} labelled images (>= {enough:,}) "
+            "support training from scratch" if far or spec.constraints.proven_need
+            else "not needed"
+        )
+        scratch_why = (
+            f"{examples:,} labelled images are fewer than the {enough:,} scratch needs" if examples < enough
+            else f"ImageNet features transfer to '{spec.domain.value}' images; fine-tuning gets there cheaper"
+            if not far and not spec.constraints.proven_need
+            else "a generic task that the API already serves" if chosen == Route.vision_api
+            else "a registered domain-pretrained checkpoint starts closer"
+        )
+    why = {Route.vision_api: api_why, Route.finetune: finetune_why, Route.scratch: scratch_why}
     return [{"route": route.value, "why": why[route]} for route in Route if route != chosen]
 
 
@@ -299,7 +320,7 @@ def decide(
         reasons=reasons,
         provider=provider,
         model=model,
-        rejected=_rejections(route, spec, verdict, costs, examples),
+        rejected=_rejections(route, spec, costs, examples, policy),
         warnings=warnings,
         costs=costs,
         forced=forced,

@@ -1,0 +1,80 @@
+"""Shared fixtures: isolated state per test, no network, and small real image datasets made on the fly."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "datasets"
+
+
+@pytest.fixture(autouse=True)
+def isolated_state(tmp_path, monkeypatch):
+    """Each test gets its own MLflow store and checkpoints folder; no user or CI state leaks in."""
+    monkeypatch.setenv("VISIONROUTE_STATE", str(tmp_path / "state"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("VISIONROUTE_PRICES", raising=False)
+    monkeypatch.delenv("VISIONROUTE_ALLOW_HUB", raising=False)
+    return tmp_path / "state"
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any connection outside loopback fails the test: nothing may download weights or data."""
+    real_connect = socket.socket.connect
+
+    def guarded(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and not (host.startswith("127.") or host in ("localhost", "::1") or "/" in host):
+            raise AssertionError(f"test tried to reach the network: {address}")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+COLOURS = {"red": (200, 40, 40), "blue": (40, 60, 200), "green": (40, 170, 60)}
+
+
+def make_image(path: Path, colour: tuple[int, int, int], seed: int, size=(96, 72), fmt="JPEG") -> Path:
+    """A colour field with noise and a random bright square: trivially separable, but real JPEG/PNG files."""
+    rng = np.random.default_rng(seed)
+    array = np.clip(np.array(colour) + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    x, y = rng.integers(0, size[0] // 2), rng.integers(0, size[1] // 2)
+    array[y : y + 16, x : x + 16] = 255
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, fmt)
+    return path
+
+
+def make_dataset(root: Path, per_class: int = 10, classes=("red", "blue"), splits: tuple[str, ...] = ()) -> Path:
+    """Class folders of synthetic photos; with `splits`, under train/ val/ ... each with `per_class` images."""
+    seed = 0
+    for split in splits or (None,):
+        base = root / split if split else root
+        for name in classes:
+            for index in range(per_class):
+                seed += 1
+                make_image(base / name / f"{name}_{index}.jpg", COLOURS[name], seed)
+    return root
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path) -> Path:
+    return make_dataset(tmp_path / "data", per_class=12)
+
+
+def write_spec(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def shared_dataset(name: str) -> Path:
+    path = SHARED / name
+    if not path.exists():
+        pytest.skip(f"shared dataset {name} not found at {path} (only developer and CI machines have ../shared)")
+    return path
