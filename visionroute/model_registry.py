@@ -48,7 +48,9 @@ def _pip_requirements() -> list[str]:
 def log_model(run_id: str, model: torch.nn.Module, prep: Preprocessing) -> str:
     """Log the model with signature, input example, pinned requirements and its preprocessing; returns its URI."""
     model = model.cpu().eval()
-    example = np.zeros((1, 3, prep.input_size, prep.input_size), dtype=np.float32)
+    # Saved as pt2 (torch.export, MLflow's default: loading runs no pickled code). A batch of 2 in the
+    # example keeps the batch dimension dynamic; with 1 the export specialises it to 1.
+    example = np.zeros((2, 3, prep.input_size, prep.input_size), dtype=np.float32)
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
     with tempfile.TemporaryDirectory() as folder:
@@ -64,6 +66,7 @@ def log_model(run_id: str, model: torch.nn.Module, prep: Preprocessing) -> str:
                 pip_requirements=_pip_requirements(),
                 extra_files=[str(prep_file)],
                 metadata={"preprocessing": preprocessing_dict(prep)},
+                serialization_format="pt2",
             )
     return info.model_uri
 
@@ -146,4 +149,4 @@ def register_and_promote(
     except Exception:
         client.delete_model_version(name, version.version)
         raise
-    return Registration(name, version.version, promoted, comparison)
+    return Registration(name, str(version.version), promoted, comparison)

@@ -32,7 +32,7 @@ def predict_paths(model_uri: str, paths: list[Path], out: str | None = None, top
     tracking.configure()
     try:
         prep = load_preprocessing(model_uri)
-        model = mlflow.pytorch.load_model(model_uri, map_location="cpu").eval()
+        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")  # a torch.export graph, eval mode
     except Exception as error:  # MLflow raises several types for an unknown name, version or alias
         raise ValueError(f"cannot load model {model_uri} from {tracking.tracking_uri()}: {error}") from None
     rows: list[dict] = []

@@ -174,8 +174,11 @@ def predict_logits(model: nn.Module, x_uint8: torch.Tensor, prep: Preprocessing,
     """Logits (or pooled pre-logit features) for cached uint8 crops, in eval mode."""
     # Small CPU batches: at 260 px one activation of a 64-image batch is ~800 MB, for no speed gain.
     batch_size = batch_size or (128 if device.type == "cuda" else 16)
+    # A model loaded from the registry is a torch.export graph: already in eval mode, no .eval() to call.
+    exported = isinstance(model, torch.fx.GraphModule)
     was_training = model.training
-    model.eval()
+    if not exported:
+        model.eval()
     outputs = []
     for start in range(0, len(x_uint8), batch_size):
         batch = prep.normalise(x_uint8[start : start + batch_size].to(device))
@@ -184,14 +187,19 @@ def predict_logits(model: nn.Module, x_uint8: torch.Tensor, prep: Preprocessing,
         with _autocast(device):
             out = model.forward_head(model.forward_features(batch), pre_logits=True) if features else model(batch)
         outputs.append(out.float().cpu())
-    model.train(was_training)
+    if not exported:
+        model.train(was_training)
     return torch.cat(outputs) if outputs else torch.zeros(0)
 
 
 def fit_linear_probe(train_f, train_y, val_f, val_y, num_classes: int) -> dict:
-    """Multinomial logistic regression on frozen features, L2 strength chosen on validation accuracy."""
+    """Multinomial logistic regression on frozen features, L2 strength chosen on validation accuracy.
+
+    Ties go to the stronger L2: a less confident head sends smaller gradients into the backbone when
+    fine-tuning starts from it.
+    """
     best = None
-    for l2 in (1e-4, 1e-3, 1e-2, 1e-1):
+    for l2 in (1e-1, 1e-2, 1e-3, 1e-4):
         torch.manual_seed(0)
         linear = nn.Linear(train_f.shape[1], num_classes)
         nn.init.zeros_(linear.weight)
@@ -209,7 +217,7 @@ def fit_linear_probe(train_f, train_y, val_f, val_y, num_classes: int) -> dict:
             logits = linear(val_f)
             accuracy = (logits.argmax(1) == val_y).float().mean().item() if len(val_y) else 0.0
             loss = F.cross_entropy(logits, val_y).item() if len(val_y) else 0.0
-        if best is None or (accuracy, -loss) > (best["val_accuracy"], -best["val_loss"]):
+        if best is None or accuracy > best["val_accuracy"]:
             best = {"l2": l2, "val_accuracy": accuracy, "val_loss": loss, "weight": linear.weight.detach().clone(),
                     "bias": linear.bias.detach().clone()}
     return best
@@ -281,6 +289,11 @@ def train(config: TrainConfig, model: nn.Module, data: PreparedData,
     warmup_steps = min(total_steps // 2, int(config.warmup_epochs * steps_per_epoch))
 
     best_accuracy, best_loss, best_state, stale, step, test_reserve = -1.0, math.inf, None, 0, 0, 0.0
+    if result.probe:
+        # The probed model is epoch 0: fine-tuning must match its validation accuracy to replace it. Its
+        # loss is not a tie-break: label smoothing inflates the fine-tuned models' cross-entropy.
+        best_accuracy, best_loss = result.probe["val_accuracy"], math.inf
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # Throughput is counted from the second step on: the first pays one-off allocation and kernel set-up.
     train_seconds, trained_images, first_step_seconds = 0.0, 0, 0.0
     freeze_bn = config.pretrained and n_train < config.freeze_bn_below
@@ -375,7 +388,10 @@ def train(config: TrainConfig, model: nn.Module, data: PreparedData,
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, prep: Preprocessing, device=None) -> dict:
     device = device or pick_device()
-    model.to(device)
+    if not isinstance(model, torch.fx.GraphModule):
+        model.to(device)
+    else:
+        device = torch.device("cpu")  # registry models are loaded on the CPU
     logits = predict_logits(model, x, prep, device)
     predictions = logits.argmax(1).numpy() if len(logits) else np.zeros(0, dtype=int)
     return classification_report(y.numpy(), predictions, prep.classes)

@@ -1,0 +1,144 @@
+"""The route-image-task flow end to end: real Prefect (test harness), real MLflow store (SQLite in tmp)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from conftest import make_dataset, make_image, write_spec
+from mlflow.tracking import MlflowClient
+from prefect.testing.utilities import prefect_test_harness
+
+from visionroute import tracking
+from visionroute.backends import BackendUnavailable
+from visionroute.cli import main
+from visionroute.flows.route import route_image_task
+from visionroute.training.engine import build_model
+from visionroute.training.weights import load_pretrained, resolve_pretrained
+
+pytestmark = pytest.mark.flow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_harness():
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture
+def task_spec(tmp_path):
+    root = make_dataset(tmp_path / "data", per_class=10)
+    (root / "red" / "readme.txt").write_text("not an image")
+    whole = make_image(tmp_path / "whole.jpg", (200, 0, 0), 99, size=(256, 256))
+    (root / "red" / "cut.jpg").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    return write_spec(tmp_path / "colours.yaml", """
+name: colours
+task: classify
+data: {path: ./data}
+domain: natural
+constraints: {monthly_volume: 1000}
+training: {model: tf_efficientnet_lite0, epochs: 1, budget_minutes: 2}
+""")
+
+
+def artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    return {item.path for item in client.list_artifacts(run_id, path)}
+
+
+def prefect_artifact(key: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+
+    return asyncio.run(read())
+
+
+def test_route_trains_tracks_registers_and_promotes(task_spec, tmp_path):
+    outcome = route_image_task(str(task_spec))
+    client = MlflowClient(tracking.tracking_uri())
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'state' / 'mlflow.db'}"
+
+    # Parent run: tagged, decision and spec attached.
+    parent = client.get_run(outcome["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    tags = parent.data.tags
+    assert tags["visionroute.route"] == "finetune"
+    assert tags["visionroute.rule"] == "specific-imagenet-like-finetune"
+    assert len(tags["visionroute.spec_hash"]) == 16 and tags["prefect.flow_run_id"]
+    assert {"decision.json", "decision.md", "spec", "data", "result.json"} <= artifacts(client, parent.info.run_id)
+    decision = json.loads(open(client.download_artifacts(parent.info.run_id, "decision.json")).read())
+    assert decision["route"] == "finetune" and decision["costs"]["finetune"]["model"] == "tf_efficientnet_lite0"
+
+    # Nested training run: metrics, pictures, skipped files with reasons.
+    result = outcome["result"]
+    child = client.get_run(result["run_id"])
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    metrics = child.data.metrics
+    assert metrics["test_accuracy"] == 1.0
+    for key in ("test_balanced_accuracy", "test_macro_f1", "test_precision_red", "test_recall_blue", "val_accuracy"):
+        assert key in metrics
+    assert {"evaluation/confusion_matrix.png", "evaluation/metrics.json"} <= artifacts(client, child.info.run_id,
+                                                                                        "evaluation")
+    skipped = json.loads(open(client.download_artifacts(child.info.run_id, "data/skipped.json")).read())
+    reasons = {row["path"].split("/")[-1]: row["reason"] for row in skipped}
+    assert reasons == {"readme.txt": "not an image file type (.txt)", "cut.jpg": "truncated file"}
+
+    # Registry: first version is champion and challenger, with the comparison in its tags.
+    version = client.get_model_version_by_alias("colours", "champion")
+    assert str(version.version) == result["model_version"] == "1"
+    assert str(client.get_model_version_by_alias("colours", "challenger").version) == "1"
+    assert version.tags["promoted"] == "true" and version.tags["compared_with"] == "none"
+    assert version.tags["test_split_sha"]
+
+    # Prefect UI: decision as markdown, costs as a table, a finished progress artifact.
+    assert "route `finetune`" in prefect_artifact("colours-decision")[0].data
+    assert {row["route"] for row in json.loads(prefect_artifact("colours-route-costs")[0].data)} == {
+        "vision_api", "finetune", "scratch"}
+    assert prefect_artifact("colours-training-progress")[0].data == 100.0
+
+    # A second, identical run must beat the champion on the same test split to take the alias: it cannot.
+    again = route_image_task(str(task_spec))["result"]
+    assert again["model_version"] == "2" and not again["promoted"]
+    second = client.get_model_version("colours", "2")
+    assert second.tags["compared_with"] == "v1" and second.tags["champion_test_accuracy"] == "1.0000"
+    assert second.tags["test_split_sha"] == version.tags["test_split_sha"]
+    assert str(client.get_model_version_by_alias("colours", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("colours", "challenger").version) == "2"
+
+    # predict labels new images with the champion and lists what it could not read.
+    out = tmp_path / "preds.jsonl"
+    (tmp_path / "new").mkdir()
+    make_image(tmp_path / "new" / "b.jpg", (40, 60, 200), 1234)
+    (tmp_path / "new" / "broken.png").write_bytes(b"nope")
+    for index in range(3):  # a batch of several: the exported model's batch dimension is dynamic
+        make_image(tmp_path / "new" / f"r{index}.jpg", (200, 40, 40), 500 + index)
+    assert main(["predict", "--model", "models:/colours@champion", str(tmp_path / "new"), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["label"] == "blue" and rows[0]["score"] > 0.5 and len(rows[0]["sha256"]) == 64
+    assert rows[1]["path"].endswith("broken.png") and "not an image" in rows[1]["error"]
+    assert [row["label"] for row in rows[2:]] == ["red", "red", "red"]
+
+    # The champion can seed another training as its pretrained weights (training.checkpoint: models:/...).
+    model = build_model("tf_efficientnet_lite0", 2)
+    weights = resolve_pretrained("tf_efficientnet_lite0", model, "models:/colours@champion")
+    assert weights.source == "mlflow:models:/colours@champion"
+    load_pretrained(model, weights, 2)
+
+
+def test_a_route_that_cannot_run_fails_clearly_and_leaves_a_failed_parent_run(tmp_path, capsys):
+    spec = write_spec(tmp_path / "tags.yaml", "name: private-tags\ntask: tag\nconstraints: "
+                                              "{external_api_allowed: false}\n")
+    with pytest.raises(BackendUnavailable, match="provider 'local'"):
+        route_image_task(str(spec))
+    client = MlflowClient(tracking.tracking_uri())
+    runs = client.search_runs([client.get_experiment_by_name("private-tags").experiment_id])
+    assert [run.info.status for run in runs] == ["FAILED"]
+    assert "issue (#3)" in runs[0].data.tags["visionroute.error"]
+    assert "decision.json" in artifacts(client, runs[0].info.run_id)
+
+    assert main(["run", str(spec)]) == 1
+    assert "cannot run yet" in capsys.readouterr().err
