@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from visionroute.data.dataset import ImageDataset
 from visionroute.flows.decision import Decision
+
+from visionroute.data.dataset import ImageDataset
 from visionroute.spec import TaskSpec
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from visionroute.backends.base import BackendContext, BackendResult, register_backend
+
 from visionroute.training.catalogue import catalogue_entry, choose_model
 from visionroute.training.engine import TrainConfig, build_model, pick_device
 from visionroute.training.tracked import run_training_route
@@ -26,12 +27,18 @@ class FineTuneBackend:
         examples = len(context.dataset.samples) if context.dataset else 0
         model_name = spec.training.model
         if model_name == "auto":
-            model_name = choose_model("finetune", examples, spec.training.budget_minutes,
-                                      gpu=pick_device().type == "cuda", hub=hub_allowed())
+            model_name = choose_model(
+                "finetune",
+                examples,
+                spec.training.budget_minutes,
+                gpu=pick_device().type == "cuda",
+                hub=hub_allowed(),
+            )
         catalogue_entry(model_name)  # a clear error for a name outside the catalogue
         classes = len(context.dataset.classes) if context.dataset else 2
         weights = resolve_pretrained(
-            model_name, build_model(model_name, classes),
+            model_name,
+            build_model(model_name, classes),
             str(spec.training.checkpoint) if spec.training.checkpoint else None,
         )
         config = TrainConfig(

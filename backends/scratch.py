@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from visionroute.backends.base import BackendContext, BackendResult, register_backend
+
 from visionroute.training.catalogue import catalogue_entry, choose_model
 from visionroute.training.engine import TrainConfig, pick_device
 from visionroute.training.tracked import run_training_route
@@ -26,8 +27,9 @@ class ScratchBackend:
         examples = len(context.dataset.samples) if context.dataset else 0
         model_name = spec.training.model
         if model_name == "auto":
-            model_name = choose_model("scratch", examples, spec.training.budget_minutes,
-                                      gpu=pick_device().type == "cuda", hub=False)
+            model_name = choose_model(
+                "scratch", examples, spec.training.budget_minutes, gpu=pick_device().type == "cuda", hub=False
+            )
         catalogue_entry(model_name)
         config = TrainConfig(
             model_name,

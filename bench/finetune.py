@@ -71,8 +71,13 @@ def main() -> None:
     load_pretrained(model, resolve_pretrained(args.model, model), len(dataset.classes))
     prep = Preprocessing.for_model(model, args.model, dataset.classes)
     data = prepare_data(dataset, prep)
-    config = TrainConfig(args.model, max_epochs=args.epochs, batch_size=batch, seed=args.seed,
-                         budget_seconds=args.budget - (time.perf_counter() - started))
+    config = TrainConfig(
+        args.model,
+        max_epochs=args.epochs,
+        batch_size=batch,
+        seed=args.seed,
+        budget_seconds=args.budget - (time.perf_counter() - started),
+    )
     result = train(config, model, data)
     wall = time.perf_counter() - started
     engine_rate = statistics.median(result.step_images_per_s)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from visionroute import tracking
 from visionroute.flows.route import route_image_task
+
+from visionroute import tracking
 from visionroute.planning import plan
 
 TASKS = Path(__file__).with_name("tasks")
@@ -35,12 +36,18 @@ def main() -> int:
     print("\n== Where to look ==")
     print(f"MLflow store:       {tracking.tracking_uri()}")
     print(f"  browse it with:   .venv/bin/mlflow ui --backend-store-uri {tracking.tracking_uri()}")
-    print(f"parent run:         {outcome['parent_run_id']} in experiment '{name}' (decision.json, decision.md, spec/)")
-    print(f"training run:       {result['run_id']} (metrics, evaluation/confusion_matrix.png, data/skipped.json)")
+    print(
+        f"parent run:         {outcome['parent_run_id']} in experiment '{name}' (decision.json, decision.md, spec/)"
+    )
+    print(
+        f"training run:       {result['run_id']} (metrics, evaluation/confusion_matrix.png, data/skipped.json)"
+    )
     alias = "champion" if result["promoted"] else "challenger"
     print(f"registered model:   models:/{name}/{version}  (alias @{alias}); held-out accuracy {accuracy:.3f}")
-    print(f"label new images:   .venv/bin/visionroute predict --model models:/{name}@champion "
-          "examples/data/ants_bees/val/bees")
+    print(
+        f"label new images:   .venv/bin/visionroute predict --model models:/{name}@champion "
+        "examples/data/ants_bees/val/bees"
+    )
     return 0
 
 

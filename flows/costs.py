@@ -58,7 +58,9 @@ def _read_prices(path: str) -> Prices:
                     raise ValueError(f"vision_api.{provider}.per_1000.{task} is negative")
         float(raw["compute"]["gpu_hour_usd"])
     except FileNotFoundError:
-        raise ValueError(f"price file {path} does not exist; pass an existing file or drop --prices") from None
+        raise ValueError(
+            f"price file {path} does not exist; pass an existing file or drop --prices"
+        ) from None
     except (KeyError, TypeError, ValueError, yaml.YAMLError) as error:
         raise ValueError(
             f"price file {path} is malformed ({error!r}); copy {DEFAULT_PRICES} and edit its numbers"
@@ -111,6 +113,7 @@ def self_hosted_monthly(
 def break_even_volume(prices: Prices, task: Task, self_hosted_at: Callable[[int], float]) -> int | None:
     """Smallest monthly volume at which the cheapest API's bill exceeds self-hosting, or None past 10 billion.
     The cheapest provider changes with volume (free tiers), so it is chosen at each volume tried."""
+
     def api_at(volume: int) -> float:
         return cheapest_provider(prices, task, volume)[1]
 
@@ -137,7 +140,10 @@ def route_costs(
     amortisation_months: int,
 ) -> dict:
     """Per-route cost estimates, as recorded in the decision."""
-    costs: dict = {"prices": {"file": prices.source, "as_of": prices.raw.get("as_of")}, "monthly_volume": volume}
+    costs: dict = {
+        "prices": {"file": prices.source, "as_of": prices.raw.get("as_of")},
+        "monthly_volume": volume,
+    }
     for route, model in (("finetune", finetune_model), ("scratch", scratch_model)):
         gpu_hours, train_usd = training_cost(prices, model, route, examples)
         hosting = hosting_monthly_cost(prices, model, volume)

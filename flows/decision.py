@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 from visionroute.flows.costs import Prices, cheapest_provider, route_costs, self_hosted_monthly
 from visionroute.flows.policy import DEFAULT_POLICY, Policy
+
 from visionroute.spec import Domain, Route, TaskSpec
 from visionroute.training.catalogue import choose_model
 
@@ -84,7 +85,9 @@ def _generic(spec: TaskSpec, examples: int, costs: dict, prices: Prices, policy:
     else:
         self_model = costs["finetune"]["model"]
         self_route = "finetune" if examples else None
-        self_cost = self_hosted_monthly(prices, self_model, self_route, examples, volume, policy.amortisation_months)
+        self_cost = self_hosted_monthly(
+            prices, self_model, self_route, examples, volume, policy.amortisation_months
+        )
         if cheapest_provider(prices, spec.task, volume)[1] <= self_cost:  # unrounded, as break-even is
             return _Verdict(
                 Route.vision_api,
@@ -105,7 +108,10 @@ def _generic(spec: TaskSpec, examples: int, costs: dict, prices: Prices, policy:
         return _Verdict(
             Route.finetune,
             f"generic-{suffix}-finetune",
-            [f"'{task}' is generic, but {why}.", f"{examples:,} labelled images allow a custom model on premises."],
+            [
+                f"'{task}' is generic, but {why}.",
+                f"{examples:,} labelled images allow a custom model on premises.",
+            ],
         )
     return _Verdict(
         Route.vision_api,
@@ -127,9 +133,16 @@ def _specific(spec: TaskSpec, examples: int, policy: Policy) -> _Verdict:
                     f"{examples:,} labelled images (>= {enough:,}) are enough to train from scratch.",
                 ],
             )
-        verdict = _specific(spec.model_copy(update={"constraints": spec.constraints.model_copy(
-            update={"proven_need": False})}), examples, policy)
-        verdict.rule = "proven-need-insufficient-finetune" if verdict.route == Route.finetune else verdict.rule
+        verdict = _specific(
+            spec.model_copy(
+                update={"constraints": spec.constraints.model_copy(update={"proven_need": False})}
+            ),
+            examples,
+            policy,
+        )
+        verdict.rule = (
+            "proven-need-insufficient-finetune" if verdict.route == Route.finetune else verdict.rule
+        )
         verdict.warnings.append(
             f"proven_need is set, but {examples:,} labelled images are fewer than the {enough:,} that justify "
             "training from scratch; fine-tuning instead. Collect more labels to revisit."
@@ -148,7 +161,7 @@ def _specific(spec: TaskSpec, examples: int, policy: Policy) -> _Verdict:
             Route.finetune,
             "specific-imagenet-like-finetune",
             [
-                f"Classifying the team's own classes is a specific task no generic API serves.",
+                "Classifying the team's own classes is a specific task no generic API serves.",
                 f"'{domain.value}' images are ImageNet-like, so ImageNet features transfer; with {size} data "
                 f"({examples:,} labelled) fine-tuning a pretrained CNN is the efficient route.",
             ],
@@ -199,23 +212,29 @@ def _rejections(chosen: Route, spec: TaskSpec, costs: dict, examples: int, polic
     elif chosen == Route.vision_api:
         api_why = ""
     else:
-        api_why = (f"${api['monthly_usd']:,.2f}/month at {spec.constraints.monthly_volume:,} images is more than "
-                   f"self-hosting (${costs.get('self_hosted_monthly_usd', 0):,.2f}/month)")
+        api_why = (
+            f"${api['monthly_usd']:,.2f}/month at {spec.constraints.monthly_volume:,} images is more than "
+            f"self-hosting (${costs.get('self_hosted_monthly_usd', 0):,.2f}/month)"
+        )
     if not examples:
         finetune_why = scratch_why = "no labelled data to train on"
     else:
         finetune_why = (
             f"the {api.get('provider')} API already does this generic task at "
-            f"${api.get('monthly_usd', 0):,.2f}/month" if chosen == Route.vision_api and spec.is_generic
+            f"${api.get('monthly_usd', 0):,.2f}/month"
+            if chosen == Route.vision_api and spec.is_generic
             else f"'{spec.domain.value}' is far from ImageNet and {examples:,} labelled images (>= {enough:,}) "
-            "support training from scratch" if far or spec.constraints.proven_need
+            "support training from scratch"
+            if far or spec.constraints.proven_need
             else "not needed"
         )
         scratch_why = (
-            f"{examples:,} labelled images are fewer than the {enough:,} scratch needs" if examples < enough
+            f"{examples:,} labelled images are fewer than the {enough:,} scratch needs"
+            if examples < enough
             else f"ImageNet features transfer to '{spec.domain.value}' images; fine-tuning gets there cheaper"
             if not far and not spec.constraints.proven_need
-            else "a generic task that the API already serves" if chosen == Route.vision_api
+            else "a generic task that the API already serves"
+            if chosen == Route.vision_api
             else "a registered domain-pretrained checkpoint starts closer"
         )
     why = {Route.vision_api: api_why, Route.finetune: finetune_why, Route.scratch: scratch_why}
@@ -245,7 +264,10 @@ def _class_checks(summary: DataSummary, policy: Policy) -> tuple[list[str], list
 
 
 def decide(
-    spec: TaskSpec, summary: DataSummary | None = None, prices: Prices | None = None, policy: Policy = DEFAULT_POLICY
+    spec: TaskSpec,
+    summary: DataSummary | None = None,
+    prices: Prices | None = None,
+    policy: Policy = DEFAULT_POLICY,
 ) -> Decision:
     """Choose the route for `spec`. Raises CannotDecide when no route can serve it."""
     from visionroute.flows.costs import load_prices  # reads the bundled file once, then cached

@@ -10,13 +10,17 @@ import json
 from pathlib import Path
 
 from prefect import flow, get_run_logger, runtime, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, \
-    update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
-
-from visionroute import tracking
 from visionroute.backends import BackendContext, create_backend
 from visionroute.flows.artifacts import cost_rows, decision_markdown
+
+from visionroute import tracking
 from visionroute.planning import Plan, plan
 
 
@@ -32,13 +36,17 @@ def plan_task(spec_path: str, prices_path: str | None) -> Plan:
     logger = get_run_logger()
     if result.dataset is not None:
         profile = result.dataset.profile()
-        logger.info("data: %s labelled images, per class %s, %s skipped", profile["labeled_examples"],
-                    profile["per_class"], profile["skipped"])
+        logger.info(
+            "data: %s labelled images, per class %s, %s skipped",
+            profile["labeled_examples"],
+            profile["per_class"],
+            profile["skipped"],
+        )
         create_table_artifact(
             key=_key(result.spec.name, "data-profile"),
             table=[{"split": split, **counts} for split, counts in profile["per_split"].items()],
             description=f"Labelled images per split and class; sizes {profile['width']} x {profile['height']}, "
-                        f"modes {profile['modes']}",
+            f"modes {profile['modes']}",
         )
         if result.dataset.skipped:
             create_table_artifact(
@@ -48,10 +56,14 @@ def plan_task(spec_path: str, prices_path: str | None) -> Plan:
             )
     decision = result.decision
     logger.info("route %s by rule %s", decision.route, decision.rule)
-    create_markdown_artifact(key=_key(result.spec.name, "decision"), markdown=decision_markdown(result.spec.name,
-                                                                                                decision))
-    create_table_artifact(key=_key(result.spec.name, "route-costs"), table=cost_rows(decision),
-                          description="Estimated cost of each route at the spec's monthly volume (USD)")
+    create_markdown_artifact(
+        key=_key(result.spec.name, "decision"), markdown=decision_markdown(result.spec.name, decision)
+    )
+    create_table_artifact(
+        key=_key(result.spec.name, "route-costs"),
+        table=cost_rows(decision),
+        description="Estimated cost of each route at the spec's monthly volume (USD)",
+    )
     return result
 
 
@@ -60,21 +72,30 @@ def open_tracking(result: Plan, spec_path: str) -> str:
     """The parent MLflow run: decision and spec as artifacts, tagged for search."""
     client = tracking.configure()
     spec, decision = result.spec, result.decision
-    run_id = tracking.start_run(client, spec.name, f"route-{decision.route}", {
-        "visionroute.route": decision.route,
-        "visionroute.rule": decision.rule,
-        "visionroute.provider": decision.provider,
-        "visionroute.spec_hash": spec.digest(),
-        "visionroute.forced": str(decision.forced).lower(),
-        "prefect.flow_run_id": runtime.flow_run.id,
-    })
+    run_id = tracking.start_run(
+        client,
+        spec.name,
+        f"route-{decision.route}",
+        {
+            "visionroute.route": decision.route,
+            "visionroute.rule": decision.rule,
+            "visionroute.provider": decision.provider,
+            "visionroute.spec_hash": spec.digest(),
+            "visionroute.forced": str(decision.forced).lower(),
+            "prefect.flow_run_id": runtime.flow_run.id,
+        },
+    )
     client.log_artifact(run_id, spec_path, "spec")
     tracking.log_json(client, run_id, decision.to_dict(), "decision.json")
     tracking.log_text(client, run_id, decision_markdown(spec.name, decision), "decision.md")
     if result.dataset is not None:
         tracking.log_json(client, run_id, result.dataset.profile(), "data/profile.json")
-        tracking.log_json(client, run_id, [{"path": s.path, "reason": s.reason} for s in result.dataset.skipped],
-                          "data/skipped.json")
+        tracking.log_json(
+            client,
+            run_id,
+            [{"path": s.path, "reason": s.reason} for s in result.dataset.skipped],
+            "data/skipped.json",
+        )
     return run_id
 
 
@@ -82,8 +103,9 @@ def open_tracking(result: Plan, spec_path: str) -> str:
 def run_backend(route: str, result: Plan, parent_run_id: str) -> dict:
     """The chosen route's backend, as a sub-flow with its own progress artifact."""
     spec = result.spec
-    progress_id = create_progress_artifact(progress=0.0, key=_key(spec.name, "training-progress"),
-                                           description=f"{route}: epochs done")
+    progress_id = create_progress_artifact(
+        progress=0.0, key=_key(spec.name, "training-progress"), description=f"{route}: epochs done"
+    )
 
     def on_progress(record: dict) -> None:
         update_progress_artifact(progress_id, progress=100.0 * record["epoch"] / max(1, record["epochs"]))
@@ -111,8 +133,12 @@ def route_image_task(spec_path: str, prices_path: str | None = None) -> dict:
     tracking.log_json(client, parent_run_id, outcome, "result.json")
     client.set_terminated(parent_run_id, "FINISHED")
     print(outcome["summary"])
-    return {"decision": result.decision.to_dict(), "result": outcome, "parent_run_id": parent_run_id,
-            "tracking_uri": tracking.tracking_uri()}
+    return {
+        "decision": result.decision.to_dict(),
+        "result": outcome,
+        "parent_run_id": parent_run_id,
+        "tracking_uri": tracking.tracking_uri(),
+    }
 
 
 def summary_json(outcome: dict) -> str:

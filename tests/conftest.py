@@ -30,7 +30,9 @@ def no_network(monkeypatch):
 
     def guarded(self, address):
         host = address[0] if isinstance(address, tuple) else address
-        if isinstance(host, str) and not (host.startswith("127.") or host in ("localhost", "::1") or "/" in host):
+        if isinstance(host, str) and not (
+            host.startswith("127.") or host in ("localhost", "::1") or "/" in host
+        ):
             raise AssertionError(f"test tried to reach the network: {address}")
         return real_connect(self, address)
 
@@ -51,7 +53,9 @@ def make_image(path: Path, colour: tuple[int, int, int], seed: int, size=(96, 72
     return path
 
 
-def make_dataset(root: Path, per_class: int = 10, classes=("red", "blue"), splits: tuple[str, ...] = ()) -> Path:
+def make_dataset(
+    root: Path, per_class: int = 10, classes=("red", "blue"), splits: tuple[str, ...] = ()
+) -> Path:
     """Class folders of synthetic photos; with `splits`, under train/ val/ ... each with `per_class` images."""
     seed = 0
     for split in splits or (None,):
@@ -76,5 +80,7 @@ def write_spec(path: Path, text: str) -> Path:
 def shared_dataset(name: str) -> Path:
     path = SHARED / name
     if not path.exists():
-        pytest.skip(f"shared dataset {name} not found at {path} (only developer and CI machines have ../shared)")
+        pytest.skip(
+            f"shared dataset {name} not found at {path} (only developer and CI machines have ../shared)"
+        )
     return path

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from conftest import make_dataset, make_image, shared_dataset
 from PIL import Image
+from visionroute.flows.decision import CannotDecide, DataSummary, decide
 
 from visionroute.data.dataset import DatasetError, assign_splits, decode_all, scan_dataset
 from visionroute.data.images import ImageRejected, load_rgb
-from visionroute.flows.decision import CannotDecide, DataSummary, decide
 from visionroute.spec import parse_spec
 
 
@@ -149,8 +149,13 @@ def test_npz_layout_and_its_errors(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (30, 28, 28), dtype=np.uint8)
     good = tmp_path / "good.npz"
-    np.savez(good, train_images=images[:20], train_labels=np.arange(20).reshape(-1, 1) % 2,
-             test_images=images[20:], test_labels=np.arange(10).reshape(-1, 1) % 2)
+    np.savez(
+        good,
+        train_images=images[:20],
+        train_labels=np.arange(20).reshape(-1, 1) % 2,
+        test_images=images[20:],
+        test_labels=np.arange(10).reshape(-1, 1) % 2,
+    )
     dataset = scan_dataset(good, ["normal", "pneumonia"])
     assert dataset.counts()["train"] == {"normal": 10, "pneumonia": 10}
     assert dataset.load(dataset.samples[0]).mode == "RGB"

@@ -5,18 +5,26 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from visionroute.flows.costs import load_prices
 from visionroute.flows.decision import CannotDecide, DataSummary, decide
 from visionroute.flows.policy import DEFAULT_POLICY, Policy
+
 from visionroute.spec import parse_spec
 
 PRICES = load_prices()
 ENOUGH = DEFAULT_POLICY.sufficient_for_scratch
 
 
-def spec(task="classify", domain="natural", examples=None, volume=1000, private=False, proven=False, route="auto",
-         **extra):
+def spec(
+    task="classify",
+    domain="natural",
+    examples=None,
+    volume=1000,
+    private=False,
+    proven=False,
+    route="auto",
+    **extra,
+):
     raw = {
         "name": "t",
         "task": task,
@@ -44,15 +52,36 @@ TABLE = [
     ("ocr-free-tier-google", dict(task="ocr", volume=800), 0, "vision_api", "google", "generic-api"),
     # 1a: privacy.
     ("private-no-labels", dict(task="tag", private=True), 0, "vision_api", "local", "generic-private-local"),
-    ("private-with-labels", dict(task="tag", private=True), 500, "finetune", None, "generic-private-finetune"),
+    (
+        "private-with-labels",
+        dict(task="tag", private=True),
+        500,
+        "finetune",
+        None,
+        "generic-private-finetune",
+    ),
     # 1b: API cost above self-hosting.
     ("costly-no-labels", dict(task="tag", volume=5_000_000), 0, "vision_api", "local", "generic-cost-local"),
-    ("costly-with-labels", dict(task="tag", volume=5_000_000), 800, "finetune", None, "generic-cost-finetune"),
+    (
+        "costly-with-labels",
+        dict(task="tag", volume=5_000_000),
+        800,
+        "finetune",
+        None,
+        "generic-cost-finetune",
+    ),
     # Rule 2: specific, ImageNet-like -> finetune whatever the size.
     ("natural-small", dict(domain="natural"), 245, "finetune", None, "specific-imagenet-like-finetune"),
     ("product-9999", dict(domain="product"), 9_999, "finetune", None, "specific-imagenet-like-finetune"),
     ("medical-10000", dict(domain="medical"), 10_000, "finetune", None, "specific-imagenet-like-finetune"),
-    ("satellite-huge", dict(domain="satellite"), 500_000, "finetune", None, "specific-imagenet-like-finetune"),
+    (
+        "satellite-huge",
+        dict(domain="satellite"),
+        500_000,
+        "finetune",
+        None,
+        "specific-imagenet-like-finetune",
+    ),
     ("industrial", dict(domain="industrial"), 1_800, "finetune", None, "specific-imagenet-like-finetune"),
     ("document", dict(domain="document"), 3_000, "finetune", None, "specific-imagenet-like-finetune"),
     ("other", dict(domain="other"), 3_000, "finetune", None, "specific-imagenet-like-finetune"),
@@ -64,18 +93,39 @@ TABLE = [
     # Rule 4: proven need, boundary at 20,000.
     ("proven-19999", dict(proven=True), ENOUGH - 1, "finetune", None, "proven-need-insufficient-finetune"),
     ("proven-20000", dict(proven=True), ENOUGH, "scratch", None, "proven-need-scratch"),
-    ("proven-far-19999", dict(domain="radar", proven=True), ENOUGH - 1, "finetune", None,
-     "proven-need-insufficient-finetune"),
+    (
+        "proven-far-19999",
+        dict(domain="radar", proven=True),
+        ENOUGH - 1,
+        "finetune",
+        None,
+        "proven-need-insufficient-finetune",
+    ),
     # Rule 6: forced routes are honoured.
     ("forced-scratch", dict(route="scratch"), 500, "scratch", None, "forced-scratch"),
-    ("forced-finetune-far", dict(domain="radar", route="finetune"), 50_000, "finetune", None, "forced-finetune"),
-    ("forced-api", dict(task="ocr", volume=5_000_000, route="vision_api"), 800, "vision_api", "aws",
-     "forced-vision_api"),
+    (
+        "forced-finetune-far",
+        dict(domain="radar", route="finetune"),
+        50_000,
+        "finetune",
+        None,
+        "forced-finetune",
+    ),
+    (
+        "forced-api",
+        dict(task="ocr", volume=5_000_000, route="vision_api"),
+        800,
+        "vision_api",
+        "aws",
+        "forced-vision_api",
+    ),
     ("forced-same-as-auto", dict(route="finetune"), 500, "finetune", None, "specific-imagenet-like-finetune"),
 ]
 
 
-@pytest.mark.parametrize(("case", "kwargs", "examples", "route", "provider", "rule"), TABLE, ids=[t[0] for t in TABLE])
+@pytest.mark.parametrize(
+    ("case", "kwargs", "examples", "route", "provider", "rule"), TABLE, ids=[t[0] for t in TABLE]
+)
 def test_rule_table(case, kwargs, examples, route, provider, rule):
     decision = decide(spec(**kwargs), two_classes(examples) if examples else DataSummary(0), PRICES)
     assert (decision.route, decision.provider, decision.rule) == (route, provider, rule)
@@ -147,8 +197,9 @@ def test_forcing_api_on_a_specific_task_is_refused():
 
 
 def test_forced_api_under_privacy_runs_locally():
-    decision = decide(spec(task="tag", private=True, route="vision_api"), DataSummary(300, {"a": 150, "b": 150}),
-                      PRICES)
+    decision = decide(
+        spec(task="tag", private=True, route="vision_api"), DataSummary(300, {"a": 150, "b": 150}), PRICES
+    )
     assert (decision.route, decision.provider) == ("vision_api", "local")
 
 
@@ -167,6 +218,10 @@ def test_decision_module_imports_neither_prefect_nor_mlflow():
 
     for module in ("decision.py", "policy.py", "costs.py"):
         tree = ast.parse((Path(__file__).parents[1] / "flows" / module).read_text())
-        names = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom)
-                 for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])}
+        names = {
+            alias.name.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import | ast.ImportFrom)
+            for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])
+        }
         assert not names & {"prefect", "mlflow", "torch"}, module

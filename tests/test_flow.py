@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 from conftest import make_dataset, make_image, write_spec
 from mlflow.tracking import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
+from visionroute.backends import BackendUnavailable
+from visionroute.flows.route import route_image_task
 
 from visionroute import tracking
-from visionroute.backends import BackendUnavailable
 from visionroute.cli import main
-from visionroute.flows.route import route_image_task
 from visionroute.training.engine import build_model
 from visionroute.training.weights import load_pretrained, resolve_pretrained
 
@@ -32,14 +33,17 @@ def task_spec(tmp_path):
     (root / "red" / "readme.txt").write_text("not an image")
     whole = make_image(tmp_path / "whole.jpg", (200, 0, 0), 99, size=(256, 256))
     (root / "red" / "cut.jpg").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
-    return write_spec(tmp_path / "colours.yaml", """
+    return write_spec(
+        tmp_path / "colours.yaml",
+        """
 name: colours
 task: classify
 data: {path: ./data}
 domain: natural
 constraints: {monthly_volume: 1000}
 training: {model: tf_efficientnet_lite0, epochs: 1, budget_minutes: 2}
-""")
+""",
+    )
 
 
 def artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
@@ -52,7 +56,9 @@ def prefect_artifact(key: str):
 
     async def read():
         async with get_client() as client:
-            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+            )
 
     return asyncio.run(read())
 
@@ -69,9 +75,13 @@ def test_route_trains_tracks_registers_and_promotes(task_spec, tmp_path):
     assert tags["visionroute.route"] == "finetune"
     assert tags["visionroute.rule"] == "specific-imagenet-like-finetune"
     assert len(tags["visionroute.spec_hash"]) == 16 and tags["prefect.flow_run_id"]
-    assert {"decision.json", "decision.md", "spec", "data", "result.json"} <= artifacts(client, parent.info.run_id)
-    decision = json.loads(open(client.download_artifacts(parent.info.run_id, "decision.json")).read())
-    assert decision["route"] == "finetune" and decision["costs"]["finetune"]["model"] == "tf_efficientnet_lite0"
+    assert {"decision.json", "decision.md", "spec", "data", "result.json"} <= artifacts(
+        client, parent.info.run_id
+    )
+    decision = json.loads(Path(client.download_artifacts(parent.info.run_id, "decision.json")).read_text())
+    assert (
+        decision["route"] == "finetune" and decision["costs"]["finetune"]["model"] == "tf_efficientnet_lite0"
+    )
 
     # Nested training run: metrics, pictures, skipped files with reasons.
     result = outcome["result"]
@@ -79,11 +89,18 @@ def test_route_trains_tracks_registers_and_promotes(task_spec, tmp_path):
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     metrics = child.data.metrics
     assert metrics["test_accuracy"] == 1.0
-    for key in ("test_balanced_accuracy", "test_macro_f1", "test_precision_red", "test_recall_blue", "val_accuracy"):
+    for key in (
+        "test_balanced_accuracy",
+        "test_macro_f1",
+        "test_precision_red",
+        "test_recall_blue",
+        "val_accuracy",
+    ):
         assert key in metrics
-    assert {"evaluation/confusion_matrix.png", "evaluation/metrics.json"} <= artifacts(client, child.info.run_id,
-                                                                                        "evaluation")
-    skipped = json.loads(open(client.download_artifacts(child.info.run_id, "data/skipped.json")).read())
+    assert {"evaluation/confusion_matrix.png", "evaluation/metrics.json"} <= artifacts(
+        client, child.info.run_id, "evaluation"
+    )
+    skipped = json.loads(Path(client.download_artifacts(child.info.run_id, "data/skipped.json")).read_text())
     reasons = {row["path"].split("/")[-1]: row["reason"] for row in skipped}
     assert reasons == {"readme.txt": "not an image file type (.txt)", "cut.jpg": "truncated file"}
 
@@ -97,7 +114,10 @@ def test_route_trains_tracks_registers_and_promotes(task_spec, tmp_path):
     # Prefect UI: decision as markdown, costs as a table, a finished progress artifact.
     assert "route `finetune`" in prefect_artifact("colours-decision")[0].data
     assert {row["route"] for row in json.loads(prefect_artifact("colours-route-costs")[0].data)} == {
-        "vision_api", "finetune", "scratch"}
+        "vision_api",
+        "finetune",
+        "scratch",
+    }
     assert prefect_artifact("colours-training-progress")[0].data == 100.0
 
     # A second, identical run must beat the champion on the same test split to take the alias: it cannot.
@@ -116,7 +136,10 @@ def test_route_trains_tracks_registers_and_promotes(task_spec, tmp_path):
     (tmp_path / "new" / "broken.png").write_bytes(b"nope")
     for index in range(3):  # a batch of several: the exported model's batch dimension is dynamic
         make_image(tmp_path / "new" / f"r{index}.jpg", (200, 40, 40), 500 + index)
-    assert main(["predict", "--model", "models:/colours@champion", str(tmp_path / "new"), "--out", str(out)]) == 0
+    assert (
+        main(["predict", "--model", "models:/colours@champion", str(tmp_path / "new"), "--out", str(out)])
+        == 0
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows[0]["label"] == "blue" and rows[0]["score"] > 0.5 and len(rows[0]["sha256"]) == 64
     assert rows[1]["path"].endswith("broken.png") and "not an image" in rows[1]["error"]
@@ -130,8 +153,9 @@ def test_route_trains_tracks_registers_and_promotes(task_spec, tmp_path):
 
 
 def test_a_route_that_cannot_run_fails_clearly_and_leaves_a_failed_parent_run(tmp_path, capsys):
-    spec = write_spec(tmp_path / "tags.yaml", "name: private-tags\ntask: tag\nconstraints: "
-                                              "{external_api_allowed: false}\n")
+    spec = write_spec(
+        tmp_path / "tags.yaml", "name: private-tags\ntask: tag\nconstraints: {external_api_allowed: false}\n"
+    )
     with pytest.raises(BackendUnavailable, match="provider 'local'"):
         route_image_task(str(spec))
     client = MlflowClient(tracking.tracking_uri())

@@ -29,13 +29,25 @@ def test_packaged_weights_load_strictly_and_see_a_cat(name):
 
 def test_key_mapping_follows_the_block_layout():
     state = {
-        "_conv_stem.weight": 0, "_bn0.weight": 1, "_blocks.0._depthwise_conv.weight": 2,
-        "_blocks.0._project_conv.weight": 3, "_blocks.1._expand_conv.weight": 4, "_blocks.3._bn2.bias": 5,
-        "_conv_head.weight": 6, "_bn1.bias": 7, "_fc.weight": 8,
+        "_conv_stem.weight": 0,
+        "_bn0.weight": 1,
+        "_blocks.0._depthwise_conv.weight": 2,
+        "_blocks.0._project_conv.weight": 3,
+        "_blocks.1._expand_conv.weight": 4,
+        "_blocks.3._bn2.bias": 5,
+        "_conv_head.weight": 6,
+        "_bn1.bias": 7,
+        "_fc.weight": 8,
     }
     assert lukemelas_to_timm(state, [1, 2, 2]) == {
-        "conv_stem.weight": 0, "bn1.weight": 1, "blocks.0.0.conv_dw.weight": 2, "blocks.0.0.conv_pw.weight": 3,
-        "blocks.1.0.conv_pw.weight": 4, "blocks.2.0.bn3.bias": 5, "conv_head.weight": 6, "bn2.bias": 7,
+        "conv_stem.weight": 0,
+        "bn1.weight": 1,
+        "blocks.0.0.conv_dw.weight": 2,
+        "blocks.0.0.conv_pw.weight": 3,
+        "blocks.1.0.conv_pw.weight": 4,
+        "blocks.2.0.bn3.bias": 5,
+        "conv_head.weight": 6,
+        "bn2.bias": 7,
         "classifier.weight": 8,
     }
 

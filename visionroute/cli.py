@@ -28,7 +28,11 @@ def _decide(args) -> int:
     for spec_path in args.spec:
         result = plan(spec_path, args.prices)
         if args.json:
-            print(json.dumps({"spec": spec_path, "name": result.spec.name, **result.decision.to_dict()}, indent=2))
+            print(
+                json.dumps(
+                    {"spec": spec_path, "name": result.spec.name, **result.decision.to_dict()}, indent=2
+                )
+            )
         else:
             print(decision_markdown(result.spec.name, result.decision))
     return status
@@ -42,8 +46,10 @@ def _run(args) -> int:
     print(f"\nparent MLflow run: {outcome['parent_run_id']}  (tracking store: {outcome['tracking_uri']})")
     if result.get("model_version"):
         alias = "champion" if result["promoted"] else "challenger"
-        print(f"registered model: models:/{result['model_name']}/{result['model_version']} "
-              f"(models:/{result['model_name']}@{alias})")
+        print(
+            f"registered model: models:/{result['model_name']}/{result['model_version']} "
+            f"(models:/{result['model_name']}@{alias})"
+        )
     return 0
 
 
@@ -55,8 +61,11 @@ def _predict(args) -> int:
         for row in rows:
             print(json.dumps(row))
     bad = sum(1 for row in rows if row.get("error"))
-    print(f"{len(rows) - bad} image(s) labelled, {bad} skipped" + (f"; written to {args.out}" if args.out else ""),
-          file=sys.stderr)
+    print(
+        f"{len(rows) - bad} image(s) labelled, {bad} skipped"
+        + (f"; written to {args.out}" if args.out else ""),
+        file=sys.stderr,
+    )
     return 0 if len(rows) > bad else BAD_INPUT
 
 
@@ -68,7 +77,9 @@ def _backends(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="visionroute", description="Route image tasks by a documented framework.")
+    parser = argparse.ArgumentParser(
+        prog="visionroute", description="Route image tasks by a documented framework."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     schema = commands.add_parser("schema", help="print the task spec's JSON schema")
@@ -80,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     decide.add_argument("--prices", help="price file (default: $VISIONROUTE_PRICES or the bundled one)")
     decide.set_defaults(handler=_decide)
 
-    run = commands.add_parser("run", help="run the route-image-task flow for a spec (decide, train/call, track)")
+    run = commands.add_parser(
+        "run", help="run the route-image-task flow for a spec (decide, train/call, track)"
+    )
     run.add_argument("spec")
     run.add_argument("--prices")
     run.set_defaults(handler=_run)

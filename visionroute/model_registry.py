@@ -91,13 +91,20 @@ def _champion_on_split(client: MlflowClient, name: str, classes: list[str], test
     uri = f"models:/{name}@{CHAMPION}"
     prep = load_preprocessing(uri)
     if prep.classes != classes:
-        return {"version": champion.version, "comparable": False,
-                "why": f"champion classes {prep.classes} differ from {classes}"}
+        return {
+            "version": champion.version,
+            "comparable": False,
+            "why": f"champion classes {prep.classes} differ from {classes}",
+        }
     model = mlflow.pytorch.load_model(uri, map_location="cpu")
     test_x, test_y = test_set(prep)  # at the champion's own input size, which may differ
     metrics = evaluate(model, test_x, test_y, prep)
-    return {"version": champion.version, "comparable": True, "accuracy": metrics["accuracy"],
-            "macro_f1": metrics["macro_f1"]}
+    return {
+        "version": champion.version,
+        "comparable": True,
+        "accuracy": metrics["accuracy"],
+        "macro_f1": metrics["macro_f1"],
+    }
 
 
 def register_and_promote(
@@ -117,7 +124,9 @@ def register_and_promote(
     except mlflow.exceptions.MlflowException:
         client.create_registered_model(name, description=f"visionroute task {name}")
     current = _champion_on_split(client, name, classes, test_set)
-    version = client.create_model_version(name, model_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()})
+    version = client.create_model_version(
+        name, model_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()}
+    )
     try:
         challenger = {"accuracy": test_metrics["accuracy"], "macro_f1": test_metrics["macro_f1"]}
         if current is None:
@@ -125,19 +134,29 @@ def register_and_promote(
         elif not current["comparable"]:
             promoted, why = False, current["why"] + "; champion kept, promote by hand if intended"
         else:
-            promoted = (challenger["accuracy"], challenger["macro_f1"]) > (current["accuracy"], current["macro_f1"])
+            promoted = (challenger["accuracy"], challenger["macro_f1"]) > (
+                current["accuracy"],
+                current["macro_f1"],
+            )
             why = (
                 f"challenger accuracy {challenger['accuracy']:.4f} vs champion v{current['version']} "
                 f"{current['accuracy']:.4f} on the same test split"
             )
-        comparison = {"promoted": promoted, "why": why, "test_split": split_digest, "challenger": challenger,
-                      "champion": current}
+        comparison = {
+            "promoted": promoted,
+            "why": why,
+            "test_split": split_digest,
+            "challenger": challenger,
+            "champion": current,
+        }
         version_tags = {
             "test_split_sha": split_digest,
             "test_accuracy": f"{challenger['accuracy']:.4f}",
             "test_macro_f1": f"{challenger['macro_f1']:.4f}",
             "compared_with": f"v{current['version']}" if current else "none",
-            "champion_test_accuracy": f"{current['accuracy']:.4f}" if current and current["comparable"] else "n/a",
+            "champion_test_accuracy": f"{current['accuracy']:.4f}"
+            if current and current["comparable"]
+            else "n/a",
             "promoted": str(promoted).lower(),
             "promotion_reason": why,
         }

@@ -33,8 +33,12 @@ def plan(spec_path: str, prices_path: str | None = None) -> Plan:
     spec = load_spec(spec_path)
     dataset, summary = read_data(spec)
     decision = decide(spec, summary, load_prices(prices_path))
-    if spec.data and spec.data.labeled_examples is not None and dataset is not None \
-            and spec.data.labeled_examples != summary.labeled_examples:
+    if (
+        spec.data
+        and spec.data.labeled_examples is not None
+        and dataset is not None
+        and spec.data.labeled_examples != summary.labeled_examples
+    ):
         decision.warnings.append(
             f"data.labeled_examples says {spec.data.labeled_examples:,} but {summary.labeled_examples:,} usable "
             f"images were found in {spec.data.path}; the count found was used"

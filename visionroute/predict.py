@@ -22,8 +22,9 @@ def _expand(paths: list[Path]) -> list[Path]:
     return files
 
 
-def predict_paths(model_uri: str, paths: list[Path], out: str | None = None, top_k: int = 3,
-                  batch_size: int = 16) -> list[dict]:
+def predict_paths(
+    model_uri: str, paths: list[Path], out: str | None = None, top_k: int = 3, batch_size: int = 16
+) -> list[dict]:
     """One row per image: path, sha256, label, score, top-k; unreadable images get `error` and no label."""
     import mlflow.pytorch
 
@@ -47,8 +48,10 @@ def predict_paths(model_uri: str, paths: list[Path], out: str | None = None, top
             scores, indices = p.topk(min(top_k, len(prep.classes)))
             row["label"] = prep.classes[int(indices[0])]
             row["score"] = round(float(scores[0]), 6)
-            row["top_k"] = [{"label": prep.classes[int(i)], "score": round(float(s), 6)}
-                            for s, i in zip(scores, indices, strict=True)]
+            row["top_k"] = [
+                {"label": prep.classes[int(i)], "score": round(float(s), 6)}
+                for s, i in zip(scores, indices, strict=True)
+            ]
         pending.clear()
 
     for path in _expand(paths):

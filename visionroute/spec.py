@@ -91,7 +91,9 @@ class TaskSpec(_Strict):
     def _check_classes(self) -> TaskSpec:
         if self.classes is not None:
             if self.task != Task.classify:
-                raise ValueError(f"'classes' applies to task classify only; remove it for task {self.task.value}")
+                raise ValueError(
+                    f"'classes' applies to task classify only; remove it for task {self.task.value}"
+                )
             if len(set(self.classes)) != len(self.classes):
                 raise ValueError("'classes' has duplicates; list each class once")
             if len(self.classes) < 2:
@@ -128,7 +130,9 @@ def _format_validation_error(source: str, error: ValidationError) -> str:
 def parse_spec(raw: object, source: str = "spec", base_dir: Path | None = None) -> TaskSpec:
     """Validate already-parsed YAML/JSON; relative paths resolve against `base_dir`."""
     if not isinstance(raw, dict):
-        raise SpecError(f"{source}: a task spec is a YAML mapping (name: ..., task: ...), got {type(raw).__name__}")
+        raise SpecError(
+            f"{source}: a task spec is a YAML mapping (name: ..., task: ...), got {type(raw).__name__}"
+        )
     try:
         spec = TaskSpec.model_validate(raw)
     except ValidationError as error:
@@ -140,7 +144,9 @@ def parse_spec(raw: object, source: str = "spec", base_dir: Path | None = None) 
         update["data"] = spec.data.model_copy(update={"path": (base_dir / spec.data.path).resolve()})
     checkpoint = spec.training.checkpoint
     if checkpoint and not str(checkpoint).startswith("models:") and not checkpoint.is_absolute():
-        update["training"] = spec.training.model_copy(update={"checkpoint": (base_dir / checkpoint).resolve()})
+        update["training"] = spec.training.model_copy(
+            update={"checkpoint": (base_dir / checkpoint).resolve()}
+        )
     return spec.model_copy(update=update) if update else spec
 
 

@@ -43,7 +43,9 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-def start_run(client: MlflowClient, experiment: str, name: str, tags: dict, parent_run_id: str | None = None) -> str:
+def start_run(
+    client: MlflowClient, experiment: str, name: str, tags: dict, parent_run_id: str | None = None
+) -> str:
     tags = {key: str(value) for key, value in tags.items() if value is not None}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id

@@ -7,6 +7,7 @@ final metrics and the registry comparison).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -131,7 +132,9 @@ def _scan_class_folder(folder: Path, label: int, split: str | None) -> tuple[lis
 def _scan_folders(root: Path, classes: list[str] | None) -> ImageDataset:
     split_dirs = [root / name for name in SPLITS if (root / name).is_dir()]
     layout = [(d.name, d) for d in split_dirs] if split_dirs else [(None, root)]
-    found = sorted({p.name for _, d in layout for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")})
+    found = sorted(
+        {p.name for _, d in layout for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    )
     if not found:
         raise DatasetError(
             f"{root}: no class folders found; put the images of each class in their own sub-folder "
@@ -160,7 +163,9 @@ def _scan_folders(root: Path, classes: list[str] | None) -> ImageDataset:
     dataset = ImageDataset(root, list(classes), samples, skipped)
     empty = [name for name, count in dataset.per_class().items() if count == 0]
     if empty:
-        raise DatasetError(f"{root}: class folder(s) {empty} hold no usable images; add images or remove them")
+        raise DatasetError(
+            f"{root}: class folder(s) {empty} hold no usable images; add images or remove them"
+        )
     return dataset
 
 
@@ -183,11 +188,15 @@ def _scan_npz(path: Path, classes: list[str] | None) -> ImageDataset:
         labels_seen.update(labels.tolist())
         height, width = images.shape[1:3]
         mode = "L" if images.ndim == 3 else "RGB"
-        samples += [Sample(f"npz:{split}:{i}", int(y), split, (width, height), mode) for i, y in enumerate(labels)]
+        samples += [
+            Sample(f"npz:{split}:{i}", int(y), split, (width, height), mode) for i, y in enumerate(labels)
+        ]
     count = max(labels_seen) + 1
     classes = classes or [str(index) for index in range(count)]
     if min(labels_seen) < 0 or count > len(classes):
-        raise DatasetError(f"{path}: labels {sorted(labels_seen)} fall outside the {len(classes)} classes {classes}")
+        raise DatasetError(
+            f"{path}: labels {sorted(labels_seen)} fall outside the {len(classes)} classes {classes}"
+        )
     return ImageDataset(path, list(classes), samples, [], arrays)
 
 
@@ -195,7 +204,9 @@ def scan_dataset(path: Path, classes: list[str] | None = None) -> ImageDataset:
     """Find every labelled image under `path` (reading headers only); bad files go to `skipped`."""
     path = Path(path)
     if not path.exists():
-        raise DatasetError(f"data.path {path} does not exist; point it at a folder of class sub-folders or a .npz")
+        raise DatasetError(
+            f"data.path {path} does not exist; point it at a folder of class sub-folders or a .npz"
+        )
     if path.is_file():
         if path.suffix != ".npz":
             raise DatasetError(f"data.path {path} is a file but not a .npz; point it at a folder or a .npz")
@@ -224,7 +235,9 @@ def _stratified_take(samples: list[Sample], fraction: float, rng: random.Random)
     return taken, rest
 
 
-def assign_splits(dataset: ImageDataset, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15):
+def assign_splits(
+    dataset: ImageDataset, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15
+):
     """Give every sample a train/val/test role, deterministically for a seed.
 
     Given train/val/test are kept. Given train/val only: val becomes the held-out test split and a val split
@@ -283,7 +296,5 @@ def _release_decoder_memory() -> None:
 
     libc = ctypes.util.find_library("c")
     if libc:
-        try:
+        with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
             ctypes.CDLL(libc).malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass

@@ -42,12 +42,21 @@ class Preprocessing:
     def for_model(cls, model: nn.Module, model_name: str, classes: list[str]) -> Preprocessing:
         config = timm.data.resolve_data_config({}, model=model)
         size = config["input_size"][-1]
-        return cls(size, int(math.floor(size / config["crop_pct"])), config["mean"], config["std"], classes,
-                   model_name)
+        return cls(
+            size,
+            int(math.floor(size / config["crop_pct"])),
+            config["mean"],
+            config["std"],
+            classes,
+            model_name,
+        )
 
     def resize_short(self, image: Image.Image) -> Image.Image:
         scale = self.resize / min(image.size)
-        width, height = max(self.resize, round(image.width * scale)), max(self.resize, round(image.height * scale))
+        width, height = (
+            max(self.resize, round(image.width * scale)),
+            max(self.resize, round(image.height * scale)),
+        )
         return image.resize((width, height), Image.BICUBIC)
 
     def center_crop_uint8(self, image: Image.Image) -> torch.Tensor:
@@ -141,8 +150,11 @@ def prepare_data(dataset: ImageDataset, preprocessing: Preprocessing, workers: i
     def stack(split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         samples = [s for s in dataset.split(split) if s.ref in decoded]
         if not samples:
-            return torch.zeros(0, 3, preprocessing.input_size, preprocessing.input_size, dtype=torch.uint8), \
-                torch.zeros(0, dtype=torch.long), []
+            return (
+                torch.zeros(0, 3, preprocessing.input_size, preprocessing.input_size, dtype=torch.uint8),
+                torch.zeros(0, dtype=torch.long),
+                [],
+            )
         x = torch.stack([preprocessing.center_crop_uint8(decoded[s.ref]) for s in samples])
         return x, torch.tensor([s.label for s in samples]), [s.ref for s in samples]
 
@@ -164,13 +176,22 @@ def prepare_data(dataset: ImageDataset, preprocessing: Preprocessing, workers: i
 
 def _autocast(device: torch.device):
     # bf16 autocast on GPU only: CPU autocast is slower than fp32 on the 2-core machines this targets.
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu",
-                                                                                                      enabled=False)
+    return (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x_uint8: torch.Tensor, prep: Preprocessing, device: torch.device,
-                   batch_size: int | None = None, features: bool = False) -> torch.Tensor:
+def predict_logits(
+    model: nn.Module,
+    x_uint8: torch.Tensor,
+    prep: Preprocessing,
+    device: torch.device,
+    batch_size: int | None = None,
+    features: bool = False,
+) -> torch.Tensor:
     """Logits (or pooled pre-logit features) for cached uint8 crops, in eval mode."""
     # Small CPU batches: at 260 px one activation of a 64-image batch is ~800 MB, for no speed gain.
     batch_size = batch_size or (128 if device.type == "cuda" else 16)
@@ -185,7 +206,11 @@ def predict_logits(model: nn.Module, x_uint8: torch.Tensor, prep: Preprocessing,
         if device.type == "cuda":
             batch = batch.contiguous(memory_format=torch.channels_last)
         with _autocast(device):
-            out = model.forward_head(model.forward_features(batch), pre_logits=True) if features else model(batch)
+            out = (
+                model.forward_head(model.forward_features(batch), pre_logits=True)
+                if features
+                else model(batch)
+            )
         outputs.append(out.float().cpu())
     if not exported:
         model.train(was_training)
@@ -206,7 +231,7 @@ def fit_linear_probe(train_f, train_y, val_f, val_y, num_classes: int) -> dict:
         nn.init.zeros_(linear.bias)
         optimiser = torch.optim.LBFGS(linear.parameters(), lr=1, max_iter=200, line_search_fn="strong_wolfe")
 
-        def closure():
+        def closure(linear=linear, optimiser=optimiser, l2=l2):
             optimiser.zero_grad()
             loss = F.cross_entropy(linear(train_f), train_y) + l2 * linear.weight.pow(2).sum()
             loss.backward()
@@ -218,8 +243,13 @@ def fit_linear_probe(train_f, train_y, val_f, val_y, num_classes: int) -> dict:
             accuracy = (logits.argmax(1) == val_y).float().mean().item() if len(val_y) else 0.0
             loss = F.cross_entropy(logits, val_y).item() if len(val_y) else 0.0
         if best is None or accuracy > best["val_accuracy"]:
-            best = {"l2": l2, "val_accuracy": accuracy, "val_loss": loss, "weight": linear.weight.detach().clone(),
-                    "bias": linear.bias.detach().clone()}
+            best = {
+                "l2": l2,
+                "val_accuracy": accuracy,
+                "val_loss": loss,
+                "weight": linear.weight.detach().clone(),
+                "bias": linear.bias.detach().clone(),
+            }
     return best
 
 
@@ -237,8 +267,9 @@ def _lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train(config: TrainConfig, model: nn.Module, data: PreparedData,
-          on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+def train(
+    config: TrainConfig, model: nn.Module, data: PreparedData, on_epoch: Callable[[dict], None] | None = None
+) -> TrainResult:
     """Linear probe (when pretrained), then full training under the budget; returns the best model by val."""
     started = time.perf_counter()
     seed_everything(config.seed)
@@ -265,13 +296,22 @@ def train(config: TrainConfig, model: nn.Module, data: PreparedData,
         result.probe = probe
 
     transform = timm.data.create_transform(
-        prep.input_size, is_training=True, scale=config.augment_scale, hflip=0.5, color_jitter=0.2,
-        interpolation="bicubic", mean=prep.mean, std=prep.std, re_prob=0.0,
+        prep.input_size,
+        is_training=True,
+        scale=config.augment_scale,
+        hflip=0.5,
+        color_jitter=0.2,
+        interpolation="bicubic",
+        mean=prep.mean,
+        std=prep.std,
+        re_prob=0.0,
     )
     head = set(model.get_classifier().parameters())
     groups = [
-        {"params": [p for p in model.parameters() if p not in head],
-         "lr": config.lr_backbone if config.pretrained else config.lr_head},
+        {
+            "params": [p for p in model.parameters() if p not in head],
+            "lr": config.lr_backbone if config.pretrained else config.lr_head,
+        },
         {"params": list(head), "lr": config.lr_head},
     ]
     for group in groups:
@@ -343,8 +383,12 @@ def train(config: TrainConfig, model: nn.Module, data: PreparedData,
         val_accuracy = (val_logits.argmax(1) == data.val_y).float().mean().item() if len(data.val_y) else 0.0
         val_loss = F.cross_entropy(val_logits, data.val_y).item() if len(data.val_y) else 0.0
         record = {
-            "epoch": epoch, "epochs": epochs, "train_loss": float(np.mean(losses)), "val_accuracy": val_accuracy,
-            "val_loss": val_loss, "seconds": round(time.perf_counter() - epoch_started, 2),
+            "epoch": epoch,
+            "epochs": epochs,
+            "train_loss": float(np.mean(losses)),
+            "val_accuracy": val_accuracy,
+            "val_loss": val_loss,
+            "seconds": round(time.perf_counter() - epoch_started, 2),
             "lr_backbone": groups[0]["base_lr"] * factor,
         }
         result.history.append(record)

@@ -31,20 +31,33 @@ def run_training_route(
     classes = dataset.classes
     client = tracking.configure()
     run_id = tracking.start_run(
-        client, spec.name, f"{route}-{config.model_name}",
-        {"visionroute.route": route, "visionroute.model": config.model_name}, context.parent_run_id,
+        client,
+        spec.name,
+        f"{route}-{config.model_name}",
+        {"visionroute.route": route, "visionroute.model": config.model_name},
+        context.parent_run_id,
     )
     try:
         model = build_model(config.model_name, len(classes))
         if weights is not None:
             load_pretrained(model, weights, len(classes))
         prep = Preprocessing.for_model(model, config.model_name, classes)
-        tracking.log_params(client, run_id, {
-            "model": config.model_name, "weights": weights.source if weights else "random init",
-            "max_epochs": config.max_epochs, "budget_seconds": config.budget_seconds, "lr_head": config.lr_head,
-            "lr_backbone": config.lr_backbone, "label_smoothing": config.label_smoothing, "seed": config.seed,
-            "input_size": prep.input_size, "classes": classes,
-        })
+        tracking.log_params(
+            client,
+            run_id,
+            {
+                "model": config.model_name,
+                "weights": weights.source if weights else "random init",
+                "max_epochs": config.max_epochs,
+                "budget_seconds": config.budget_seconds,
+                "lr_head": config.lr_head,
+                "lr_backbone": config.lr_backbone,
+                "label_smoothing": config.label_smoothing,
+                "seed": config.seed,
+                "input_size": prep.input_size,
+                "classes": classes,
+            },
+        )
         tracking.log_json(client, run_id, dataset.split_manifest(), "data/split.json")
 
         data = prepare_data(dataset, prep, workers=config.decode_workers)
@@ -58,8 +71,12 @@ def run_training_route(
                 raise DatasetError(f"the {split} split is empty after skipping bad files; add more images")
 
         def on_epoch(record: dict) -> None:
-            tracking.log_metrics(client, run_id, {k: v for k, v in record.items() if k not in ("epoch", "epochs")},
-                                 step=record["epoch"])
+            tracking.log_metrics(
+                client,
+                run_id,
+                {k: v for k, v in record.items() if k not in ("epoch", "epochs")},
+                step=record["epoch"],
+            )
             if context.on_progress:
                 context.on_progress(record)
 
@@ -71,20 +88,32 @@ def run_training_route(
         for name, scores in test["per_class"].items():
             summary[f"test_precision_{name}"] = scores["precision"]
             summary[f"test_recall_{name}"] = scores["recall"]
-        summary.update({
-            "train_seconds": result.seconds, "train_images_per_s": result.train_images_per_s,
-            "best_epoch": result.best_epoch, "epochs_run": len(result.history),
-            "skipped_files": len(skipped),
-        })
+        summary.update(
+            {
+                "train_seconds": result.seconds,
+                "train_images_per_s": result.train_images_per_s,
+                "best_epoch": result.best_epoch,
+                "epochs_run": len(result.history),
+                "skipped_files": len(skipped),
+            }
+        )
         if result.probe:
             summary["probe_val_accuracy"] = result.probe["val_accuracy"]
         tracking.log_metrics(client, run_id, summary)
         client.set_tag(run_id, "visionroute.stopped", result.stopped)
-        tracking.log_json(client, run_id, {"test": test, "history": result.history, "probe": result.probe},
-                          "evaluation/metrics.json")
+        tracking.log_json(
+            client,
+            run_id,
+            {"test": test, "history": result.history, "probe": result.probe},
+            "evaluation/metrics.json",
+        )
         with tempfile.TemporaryDirectory() as folder:
-            png = plot_confusion_matrix(test["confusion_matrix"], classes, Path(folder) / "confusion_matrix.png",
-                                        f"{spec.name}: test split ({test['examples']} images)")
+            png = plot_confusion_matrix(
+                test["confusion_matrix"],
+                classes,
+                Path(folder) / "confusion_matrix.png",
+                f"{spec.name}: test split ({test['examples']} images)",
+            )
             client.log_artifact(run_id, str(png), "evaluation")
 
         model_uri = model_registry.log_model(run_id, result.model, prep)
@@ -93,13 +122,26 @@ def run_training_route(
             if champion_prep.input_size == prep.input_size and champion_prep.resize == prep.resize:
                 return data.test_x, data.test_y
             samples = dataset.split("test")
-            crops = [champion_prep.center_crop_uint8(champion_prep.resize_short(dataset.load(s))) for s in samples]
+            crops = [
+                champion_prep.center_crop_uint8(champion_prep.resize_short(dataset.load(s))) for s in samples
+            ]
             return torch.stack(crops), torch.tensor([s.label for s in samples])
 
         registration = model_registry.register_and_promote(
-            client, spec.name, model_uri, run_id, test, dataset.split_digest("test"), classes, test_set,
-            tags={"route": route, "rule": context.decision.rule, "model": config.model_name,
-                  "weights": weights.source if weights else "random init"},
+            client,
+            spec.name,
+            model_uri,
+            run_id,
+            test,
+            dataset.split_digest("test"),
+            classes,
+            test_set,
+            tags={
+                "route": route,
+                "rule": context.decision.rule,
+                "model": config.model_name,
+                "weights": weights.source if weights else "random init",
+            },
         )
         tracking.log_json(client, run_id, registration.comparison, "registry/comparison.json")
         client.set_terminated(run_id, "FINISHED")
@@ -113,6 +155,11 @@ def run_training_route(
         + f"; {len(skipped)} file(s) skipped"
     )
     return BackendResult(
-        route=route, run_id=run_id, metrics=summary, model_name=spec.name, model_version=registration.version,
-        promoted=registration.promoted, summary=text,
+        route=route,
+        run_id=run_id,
+        metrics=summary,
+        model_name=spec.name,
+        model_version=registration.version,
+        promoted=registration.promoted,
+        summary=text,
     )

@@ -22,7 +22,13 @@ from visionroute.training.catalogue import CATALOGUE
 
 HUB_ENV = "VISIONROUTE_ALLOW_HUB"
 
-_TOP_LEVEL = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_TOP_LEVEL = {
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+    "_fc": "classifier",
+}
 _FIRST_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
 _OTHER_BLOCKS = {
     "_expand_conv": "conv_pw",
@@ -96,7 +102,9 @@ def _checkpoint_weights(checkpoint: str) -> PretrainedWeights:
         return PretrainedWeights(registered.state_dict(), f"mlflow:{checkpoint}")
     path = Path(checkpoint)
     if not path.is_file():
-        raise WeightsError(f"training.checkpoint {path} does not exist; give a state dict file or models:/NAME@ALIAS")
+        raise WeightsError(
+            f"training.checkpoint {path} does not exist; give a state dict file or models:/NAME@ALIAS"
+        )
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("model", state) if isinstance(state, dict) else state
     return PretrainedWeights(state, f"checkpoint:{path}")
@@ -113,7 +121,9 @@ def resolve_pretrained(model_name: str, model: nn.Module, checkpoint: str | None
         import timm
 
         hub_model = timm.create_model(model_name, pretrained=True)
-        return PretrainedWeights(hub_model.state_dict(), f"timm-hub:{hub_model.pretrained_cfg.get('hf_hub_id')}")
+        return PretrainedWeights(
+            hub_model.state_dict(), f"timm-hub:{hub_model.pretrained_cfg.get('hf_hub_id')}"
+        )
     offline = [name for name, entry in CATALOGUE.items() if entry.offline_weights]
     raise WeightsError(
         f"no pretrained weights for {model_name} offline. Use one of {offline} (weights ship with visionroute), "
