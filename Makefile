@@ -22,9 +22,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	@mkdir -p $(PREFECT_HOME)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
+	@mkdir -p $(PREFECT_HOME)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -6,7 +6,7 @@ tests call too. Works in Prefect's ephemeral mode (no server configured) and aga
 
 from __future__ import annotations
 
-import json
+import tempfile
 from pathlib import Path
 
 from prefect import flow, get_run_logger, runtime, task
@@ -19,8 +19,10 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from visionroute.backends import BackendContext, create_backend
 from visionroute.flows.artifacts import cost_rows, decision_markdown
+from visionroute.flows.costs import load_prices
 
 from visionroute import tracking
+from visionroute.cost_chart import plot_costs
 from visionroute.planning import Plan, plan
 
 
@@ -68,7 +70,7 @@ def plan_task(spec_path: str, prices_path: str | None) -> Plan:
 
 
 @task(name="open-tracking", cache_policy=NO_CACHE)
-def open_tracking(result: Plan, spec_path: str) -> str:
+def open_tracking(result: Plan, spec_path: str, prices_path: str | None) -> str:
     """The parent MLflow run: decision and spec as artifacts, tagged for search."""
     client = tracking.configure()
     spec, decision = result.spec, result.decision
@@ -88,6 +90,11 @@ def open_tracking(result: Plan, spec_path: str) -> str:
     client.log_artifact(run_id, spec_path, "spec")
     tracking.log_json(client, run_id, decision.to_dict(), "decision.json")
     tracking.log_text(client, run_id, decision_markdown(spec.name, decision), "decision.md")
+    with tempfile.TemporaryDirectory() as folder:
+        chart = plot_costs(
+            decision, load_prices(prices_path), Path(folder) / "costs.png", f"{spec.name}: cost per route"
+        )
+        client.log_artifact(run_id, str(chart))
     if result.dataset is not None:
         tracking.log_json(client, run_id, result.dataset.profile(), "data/profile.json")
         tracking.log_json(
@@ -122,7 +129,7 @@ def route_image_task(spec_path: str, prices_path: str | None = None) -> dict:
     """Route one image task end to end; returns the decision and the backend's result."""
     spec_path = str(Path(spec_path).resolve())
     result = plan_task(spec_path, prices_path)
-    parent_run_id = open_tracking(result, spec_path)
+    parent_run_id = open_tracking(result, spec_path, prices_path)
     client = tracking.configure()
     try:
         outcome = run_backend(result.decision.route, result, parent_run_id)
@@ -139,7 +146,3 @@ def route_image_task(spec_path: str, prices_path: str | None = None) -> dict:
         "parent_run_id": parent_run_id,
         "tracking_uri": tracking.tracking_uri(),
     }
-
-
-def summary_json(outcome: dict) -> str:
-    return json.dumps(outcome, indent=2, default=str)
