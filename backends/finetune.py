@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 from visionroute.backends.base import BackendContext, BackendResult, register_backend
 
-from visionroute.training.catalogue import catalogue_entry, choose_model
-from visionroute.training.engine import TrainConfig, build_model, pick_device
-from visionroute.training.tracked import run_training_route
+from visionroute.training.engine import TrainConfig, build_model
+from visionroute.training.tracked import model_for, run_training_route
 from visionroute.training.weights import hub_allowed, resolve_pretrained
 
 
@@ -24,17 +23,7 @@ class FineTuneBackend:
 
     def run(self, context: BackendContext) -> BackendResult:
         spec = context.spec
-        examples = len(context.dataset.samples) if context.dataset else 0
-        model_name = spec.training.model
-        if model_name == "auto":
-            model_name = choose_model(
-                "finetune",
-                examples,
-                spec.training.budget_minutes,
-                gpu=pick_device().type == "cuda",
-                hub=hub_allowed(),
-            )
-        catalogue_entry(model_name)  # a clear error for a name outside the catalogue
+        model_name = model_for(context, self.name, hub=hub_allowed())
         classes = len(context.dataset.classes) if context.dataset else 2
         weights = resolve_pretrained(
             model_name,

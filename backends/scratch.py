@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 from visionroute.backends.base import BackendContext, BackendResult, register_backend
 
-from visionroute.training.catalogue import catalogue_entry, choose_model
-from visionroute.training.engine import TrainConfig, pick_device
-from visionroute.training.tracked import run_training_route
+from visionroute.training.engine import TrainConfig
+from visionroute.training.tracked import model_for, run_training_route
 
 
 @dataclass
@@ -24,13 +23,7 @@ class ScratchBackend:
 
     def run(self, context: BackendContext) -> BackendResult:
         spec = context.spec
-        examples = len(context.dataset.samples) if context.dataset else 0
-        model_name = spec.training.model
-        if model_name == "auto":
-            model_name = choose_model(
-                "scratch", examples, spec.training.budget_minutes, gpu=pick_device().type == "cuda", hub=False
-            )
-        catalogue_entry(model_name)
+        model_name = model_for(context, self.name, hub=False)
         config = TrainConfig(
             model_name,
             pretrained=False,

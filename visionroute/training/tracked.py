@@ -11,14 +11,22 @@ import torch
 from visionroute import model_registry, tracking
 from visionroute.backends.base import BackendContext, BackendResult, BackendUnavailable
 from visionroute.data.dataset import DatasetError, assign_splits
-from visionroute.training.engine import Preprocessing, TrainConfig, build_model, prepare_data, train
+from visionroute.training.catalogue import catalogue_entry, choose_model
+from visionroute.training.engine import (
+    Preprocessing,
+    TrainConfig,
+    build_model,
+    pick_device,
+    prepare_data,
+    train,
+)
 from visionroute.training.metrics import plot_confusion_matrix
 from visionroute.training.weights import PretrainedWeights, load_pretrained
 
 
-def run_training_route(
-    context: BackendContext, route: str, config: TrainConfig, weights: PretrainedWeights | None
-) -> BackendResult:
+def model_for(context: BackendContext, route: str, hub: bool) -> str:
+    """The spec's model, or the auto choice for this route, data size, budget and device. First thing a
+    training backend calls: it refuses what no training route can do before anything is built."""
     spec = context.spec
     if spec.task.value != "classify" and spec.task.value != "tag":
         raise BackendUnavailable(
@@ -27,6 +35,19 @@ def run_training_route(
         )
     if context.dataset is None:
         raise BackendUnavailable(f"the {route} route needs labelled images: set data.path in the spec")
+    name = spec.training.model
+    if name == "auto":
+        examples = len(context.dataset.samples) if context.dataset else 0
+        on_gpu = pick_device().type == "cuda"
+        name = choose_model(route, examples, spec.training.budget_minutes, gpu=on_gpu, hub=hub)
+    catalogue_entry(name)  # a clear error for a name outside the catalogue
+    return name
+
+
+def run_training_route(
+    context: BackendContext, route: str, config: TrainConfig, weights: PretrainedWeights | None
+) -> BackendResult:
+    spec = context.spec
     dataset = assign_splits(context.dataset, seed=config.seed)
     classes = dataset.classes
     client = tracking.configure()
