@@ -23,6 +23,8 @@ from visionroute.flows.costs import load_prices
 
 from visionroute import tracking
 from visionroute.cost_chart import plot_costs
+from visionroute.data.dataset import DatasetError
+from visionroute.data.validation import ValidationReport
 from visionroute.planning import Plan, plan
 
 
@@ -31,11 +33,39 @@ def _key(name: str, suffix: str) -> str:
     return f"{name}-{suffix}"
 
 
+def _publish_quarantine(name: str, report: ValidationReport) -> None:
+    if report.quarantined:
+        create_table_artifact(
+            key=_key(name, "quarantine"),
+            table=[{"path": s.path, "reason": s.reason} for s in report.quarantined],
+            description=f"Files left out of training, with the reason ({len(report.quarantined)} of "
+            f"{report.checked} checked)",
+        )
+    findings = [{"kind": "leaked from test (removed)", **row} for row in report.leaked_from_test]
+    findings += [{"kind": "exact duplicate", **row} for group in report.exact_duplicates for row in group]
+    findings += [
+        {"kind": f"near duplicate ({pair['bits']} bits)", **pair["a"]} for pair in report.near_duplicates
+    ]
+    if findings:
+        create_table_artifact(
+            key=_key(name, "duplicates"),
+            table=findings,
+            description="Duplicate and leaked images found by sha256 and dHash",
+        )
+
+
 @task(name="plan-task", cache_policy=NO_CACHE)
 def plan_task(spec_path: str, prices_path: str | None) -> Plan:
-    """Validate the spec, profile the data folder (headers only) and decide the route."""
-    result = plan(spec_path, prices_path)
+    """Validate the spec, check every image (quarantine, duplicates, leakage), profile the data and decide."""
+    try:
+        result = plan(spec_path, prices_path, check_images=True)
+    except DatasetError as error:
+        if getattr(error, "report", None) is not None:  # too many bad files: still show which and why
+            _publish_quarantine(Path(spec_path).stem, error.report)
+        raise
     logger = get_run_logger()
+    if result.validation is not None:
+        _publish_quarantine(result.spec.name, result.validation)
     if result.dataset is not None:
         profile = result.dataset.profile()
         logger.info(
@@ -47,15 +77,11 @@ def plan_task(spec_path: str, prices_path: str | None) -> Plan:
         create_table_artifact(
             key=_key(result.spec.name, "data-profile"),
             table=[{"split": split, **counts} for split, counts in profile["per_split"].items()],
-            description=f"Labelled images per split and class; sizes {profile['width']} x {profile['height']}, "
-            f"modes {profile['modes']}",
+            description=f"Labelled images per split and class; imbalance {profile['imbalance_ratio']}; sizes "
+            f"{profile['width']} x {profile['height']}; modes {profile['modes']}; channels "
+            f"{result.validation.channels if result.validation else 'n/a'}; bit depths "
+            f"{result.validation.bit_depths if result.validation else 'n/a'}",
         )
-        if result.dataset.skipped:
-            create_table_artifact(
-                key=_key(result.spec.name, "skipped-files"),
-                table=[{"path": s.path, "reason": s.reason} for s in result.dataset.skipped],
-                description="Files left out of training, with the reason",
-            )
     decision = result.decision
     logger.info("route %s by rule %s", decision.route, decision.rule)
     create_markdown_artifact(
@@ -97,6 +123,10 @@ def open_tracking(result: Plan, spec_path: str, prices_path: str | None) -> str:
         client.log_artifact(run_id, str(chart))
     if result.dataset is not None:
         tracking.log_json(client, run_id, result.dataset.profile(), "data/profile.json")
+        if result.validation is not None:
+            tracking.log_json(client, run_id, result.validation.to_dict(), "data/validation.json")
+            client.log_metric(run_id, "quarantined_files", len(result.validation.quarantined))
+            client.log_metric(run_id, "leaked_test_images_removed", len(result.validation.leaked_from_test))
         tracking.log_json(
             client,
             run_id,

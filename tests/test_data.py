@@ -176,3 +176,52 @@ def test_hymenoptera_gif_placeholder_is_skipped_with_its_reason():
     assert list(skipped) == ["imageNotFound.gif"]
     assert "(.gif)" in skipped["imageNotFound.gif"]
     assert dataset.counts()["train"] == {"ants": 123, "bees": 121}
+
+
+def test_csv_manifest_with_splits_and_its_bad_rows(tmp_path):
+    root = make_dataset(tmp_path / "photos", per_class=6)
+    (tmp_path / "secret.jpg").write_bytes((root / "red" / "red_0.jpg").read_bytes())
+    rows = ["path,label,split"]
+    rows += [f"red/red_{i}.jpg,red,{'test' if i == 0 else 'train'}" for i in range(6)]
+    rows += [f"blue/blue_{i}.jpg,blue,{'test' if i == 0 else 'train'}" for i in range(6)]
+    rows += [
+        "../secret.jpg,red,train",
+        "red/gone.jpg,red,train",
+        "blue/blue_1.jpg,purple,train",
+        "blue/blue_2.jpg,blue,holdout",
+    ]
+    manifest = root / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+
+    assert scan_dataset(manifest).classes == [
+        "blue",
+        "purple",
+        "red",
+    ]  # no class list: the labels are the classes
+    dataset = scan_dataset(manifest, ["blue", "red"])
+    assert dataset.classes == ["blue", "red"]
+    assert dataset.counts()["test"] == {"blue": 1, "red": 1}
+    reasons = {s.path.rsplit(":", 1)[1]: s.reason for s in dataset.skipped}
+    assert reasons["14"].startswith("path '../secret.jpg' points outside the manifest's folder")
+    assert reasons["15"] == "file red/gone.jpg does not exist"
+    assert reasons["16"].startswith("label 'purple' is not one of the classes")
+    assert reasons["17"].startswith("split 'holdout' is not one of")
+
+
+def test_csv_manifest_header_is_checked(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("file,class\na.jpg,x\n")
+    with pytest.raises(DatasetError, match="header must be path,label"):
+        scan_dataset(manifest)
+
+
+def test_one_pixel_image_is_usable(tmp_path):
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(tmp_path / "dot.png")
+    assert load_rgb(tmp_path / "dot.png").size == (1, 1)
+
+
+def test_given_train_and_test_folders_keep_their_test_split(tmp_path):
+    given = scan_dataset(make_dataset(tmp_path / "tt", per_class=10, splits=("train", "test")))
+    roles = assign_splits(given, seed=0)
+    assert {s.ref for s in roles.split("test")} == {s.ref for s in given.samples if s.split == "test"}
+    assert all("/train/" in s.ref for s in roles.split("val"))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from visionroute.data.dataset import DatasetError, ImageDataset, scan_dataset
+from visionroute.data.dataset import DatasetError, ImageDataset, assign_splits, scan_dataset
+from visionroute.data.validation import ValidationReport, remove_leakage, validate
 from visionroute.flows.costs import load_prices
 from visionroute.flows.decision import DataSummary, Decision, decide
 from visionroute.spec import TaskSpec, load_spec
@@ -16,6 +17,7 @@ class Plan:
     dataset: ImageDataset | None
     summary: DataSummary
     decision: Decision
+    validation: ValidationReport | None = None
 
 
 def read_data(spec: TaskSpec) -> tuple[ImageDataset | None, DataSummary]:
@@ -28,11 +30,23 @@ def read_data(spec: TaskSpec) -> tuple[ImageDataset | None, DataSummary]:
     return dataset, DataSummary(labeled_examples=len(dataset.samples), per_class=dataset.per_class())
 
 
-def plan(spec_path: str, prices_path: str | None = None) -> Plan:
-    """Load, scan and decide. Raises SpecError, DatasetError or CannotDecide with a message for a person."""
+def plan(spec_path: str, prices_path: str | None = None, check_images: bool = False) -> Plan:
+    """Load, scan and decide. Raises SpecError, DatasetError or CannotDecide with a message for a person.
+
+    With `check_images` (the flow), every image is decoded and fingerprinted first: quarantined files leave
+    the counts, the splits are fixed (seeded) and test images that duplicate training images are removed.
+    Without it (`visionroute decide`), counts come from file headers alone, which is fast on large folders.
+    """
     spec = load_spec(spec_path)
     dataset, summary = read_data(spec)
+    report = None
+    if dataset is not None and check_images:
+        dataset, report = validate(dataset)
+        dataset = remove_leakage(assign_splits(dataset, seed=spec.training.seed), report)
+        summary = DataSummary(labeled_examples=len(dataset.samples), per_class=dataset.per_class())
     decision = decide(spec, summary, load_prices(prices_path))
+    if report is not None:
+        decision.warnings += report.warnings
     if (
         spec.data
         and spec.data.labeled_examples is not None
@@ -47,7 +61,7 @@ def plan(spec_path: str, prices_path: str | None = None) -> Plan:
         decision.warnings.append(
             f"{len(dataset.skipped)} file(s) in the data folder will be skipped (listed in skipped.json)"
         )
-    return Plan(spec, dataset, summary, decision)
+    return Plan(spec, dataset, summary, decision, report)
 
 
 __all__ = ["DatasetError", "Plan", "plan", "read_data"]

@@ -1,4 +1,4 @@
-"""One labelled image dataset abstraction, read from class folders or a MedMNIST-style .npz.
+"""One labelled image dataset abstraction, read from class folders, a CSV manifest or a MedMNIST-style .npz.
 
 Every file found is either a sample or a `Skipped` entry with its reason: nothing is dropped silently.
 Splits have three roles: train (fit), val (early stopping, probe selection) and test (held out for the
@@ -50,6 +50,8 @@ class ImageDataset:
     samples: list[Sample]
     skipped: list[Skipped] = field(default_factory=list)
     _arrays: dict | None = field(default=None, repr=False)
+    fingerprints: dict = field(default_factory=dict, repr=False)
+    """ref -> ImageFacts (sha256, dHash, channels, bit depth), filled by validation."""
 
     def per_class(self) -> dict[str, int]:
         counts = Counter(sample.label for sample in self.samples)
@@ -200,6 +202,53 @@ def _scan_npz(path: Path, classes: list[str] | None) -> ImageDataset:
     return ImageDataset(path, list(classes), samples, [], arrays)
 
 
+def _scan_manifest(path: Path, classes: list[str] | None) -> ImageDataset:
+    """A CSV with a `path,label[,split]` header; paths are relative to the manifest's folder.
+
+    Rows that cannot be used (a path escaping the folder, a missing file, an unknown label or split) are
+    skipped with the row number and the reason, like bad files in a class folder.
+    """
+    import csv
+
+    folder = path.parent.resolve()
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = [name.strip() for name in reader.fieldnames or []]
+        if columns[:2] != ["path", "label"] or not set(columns) <= {"path", "label", "split"}:
+            raise DatasetError(f"{path}: the manifest's header must be path,label[,split]; found {columns}")
+        rows = [{key.strip(): (value or "").strip() for key, value in row.items() if key} for row in reader]
+    labels = sorted({row["label"] for row in rows if row["label"]})
+    classes = list(classes) if classes else labels
+    samples: list[Sample] = []
+    skipped: list[Skipped] = []
+    for number, row in enumerate(rows, start=2):  # line 1 is the header
+        where = f"{path}:{number}"
+        target = (folder / row["path"]).resolve()
+        split = row.get("split") or None
+        if not row["path"] or not target.is_relative_to(folder):
+            skipped.append(
+                Skipped(where, f"path {row['path']!r} points outside the manifest's folder; refused")
+            )
+        elif row["label"] not in classes:
+            skipped.append(Skipped(where, f"label {row['label']!r} is not one of the classes {classes}"))
+        elif split is not None and split not in SPLITS:
+            skipped.append(Skipped(where, f"split {split!r} is not one of {list(SPLITS)}"))
+        elif not target.is_file():
+            skipped.append(Skipped(where, f"file {row['path']} does not exist"))
+        else:
+            try:
+                _, mode, size = read_header(target)
+            except ImageRejected as error:
+                skipped.append(Skipped(str(target), str(error)))
+                continue
+            samples.append(Sample(str(target), classes.index(row["label"]), split, size, mode))
+    if not samples:
+        raise DatasetError(
+            f"{path}: no usable rows ({len(skipped)} skipped); see the reasons in skipped.json"
+        )
+    return ImageDataset(path, classes, samples, skipped)
+
+
 def scan_dataset(path: Path, classes: list[str] | None = None) -> ImageDataset:
     """Find every labelled image under `path` (reading headers only); bad files go to `skipped`."""
     path = Path(path)
@@ -208,9 +257,14 @@ def scan_dataset(path: Path, classes: list[str] | None = None) -> ImageDataset:
             f"data.path {path} does not exist; point it at a folder of class sub-folders or a .npz"
         )
     if path.is_file():
-        if path.suffix != ".npz":
-            raise DatasetError(f"data.path {path} is a file but not a .npz; point it at a folder or a .npz")
-        return _scan_npz(path, classes)
+        if path.suffix == ".npz":
+            return _scan_npz(path, classes)
+        if path.suffix == ".csv":
+            return _scan_manifest(path, classes)
+        raise DatasetError(
+            f"data.path {path} is a file but not a .npz or .csv manifest; point it at a folder, "
+            "a .npz or a .csv"
+        )
     return _scan_folders(path, classes)
 
 
@@ -240,15 +294,19 @@ def assign_splits(
 ):
     """Give every sample a train/val/test role, deterministically for a seed.
 
-    Given train/val/test are kept. Given train/val only: val becomes the held-out test split and a val split
-    is carved from train, so the reported figure is never the one early stopping chose on.
+    Given train/val/test are kept. Given train/test: val is carved from train. Given train/val only: val becomes
+    the held-out test split and a val split is carved from train, so the reported figure is never the one early
+    stopping chose on. Otherwise a stratified 70/15/15.
     """
     rng = random.Random(seed)
     present = {sample.split for sample in dataset.samples}
     if {"train", "val", "test"} <= present:
         return dataset
-    if "train" in present and "val" in present and "test" not in present:
-        train = [s for s in dataset.samples if s.split == "train"]
+    train = [s for s in dataset.samples if s.split == "train"]
+    if "train" in present and "test" in present:
+        tests = [s for s in dataset.samples if s.split == "test"]
+        val, train = _stratified_take(train, val_fraction, rng)
+    elif "train" in present and "val" in present:
         tests = [replace(s, split="test") for s in dataset.samples if s.split == "val"]
         val, train = _stratified_take(train, val_fraction, rng)
     else:
