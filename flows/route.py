@@ -44,7 +44,8 @@ def _publish_quarantine(name: str, report: ValidationReport) -> None:
     findings = [{"kind": "leaked from test (removed)", **row} for row in report.leaked_from_test]
     findings += [{"kind": "exact duplicate", **row} for group in report.exact_duplicates for row in group]
     findings += [
-        {"kind": f"near duplicate ({pair['bits']} bits)", **pair["a"]} for pair in report.near_duplicates
+        {"kind": f"near duplicate (correlation {pair['correlation']})", **pair["a"]}
+        for pair in report.near_duplicates
     ]
     if findings:
         create_table_artifact(

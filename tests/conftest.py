@@ -43,11 +43,15 @@ COLOURS = {"red": (200, 40, 40), "blue": (40, 60, 200), "green": (40, 170, 60)}
 
 
 def make_image(path: Path, colour: tuple[int, int, int], seed: int, size=(96, 72), fmt="JPEG") -> Path:
-    """A colour field with noise and a random bright square: trivially separable, but real JPEG/PNG files."""
+    """A colour field with noise and random light and dark blocks: trivially separable by colour, each image
+    with its own structure (so no two are near-duplicates), and real JPEG/PNG files."""
     rng = np.random.default_rng(seed)
-    array = np.clip(np.array(colour) + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
-    x, y = rng.integers(0, size[0] // 2), rng.integers(0, size[1] // 2)
-    array[y : y + 16, x : x + 16] = 255
+    array = np.clip(np.array(colour) + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255)
+    for _ in range(8):
+        w, h = rng.integers(size[0] // 8, size[0] // 2), rng.integers(size[1] // 8, size[1] // 2)
+        x, y = rng.integers(0, size[0] - w), rng.integers(0, size[1] - h)
+        array[y : y + h, x : x + w] *= rng.uniform(0.3, 1.6)
+    array = np.clip(array, 0, 255).astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path, fmt)
     return path

@@ -2,7 +2,7 @@
 
 Each image is decoded once here (JPEGs at reduced scale: libjpeg still entropy-decodes the whole stream, so
 truncation and corruption are caught, at a fraction of the cost), hashed (sha256 of the bytes) and given a
-64-bit difference hash for near-duplicates. Nothing is dropped silently: every quarantined file has a reason.
+thumbnail signature for near-duplicates. Nothing is dropped silently: every quarantined file has a reason.
 """
 
 from __future__ import annotations
@@ -12,25 +12,35 @@ import io
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from visionroute.data.dataset import DatasetError, ImageDataset, Sample, Skipped
-from visionroute.data.images import ImageRejected, read_header, to_rgb
+from visionroute.data.images import ImageRejected, to_rgb
 
 MAX_QUARANTINED_FRACTION = 0.2
 """More than this share of the files quarantined stops the run: the data, not a few files, is the problem."""
-NEAR_DUPLICATE_BITS = 4
-"""Difference hashes this many bits apart or fewer are near-duplicates (resized, recompressed, lightly edited)."""
+THUMB = 16
+"""Near-duplicates are compared on THUMB x THUMB grey thumbnails."""
+NEAR_DUPLICATE_CORRELATION = 0.9
+"""Thumbnails (illumination plane removed) correlating at least this much are near-duplicates: resized,
+recompressed or lightly edited copies. A plain 64- or 256-bit difference hash was tried first and called
+distinct NEU steel photos duplicates at 2 bits: a shared left-to-right illumination gradient sets nearly
+every bit. Removing the best-fit plane first leaves the structure that tells photos apart."""
+_Y, _X = np.mgrid[0:THUMB, 0:THUMB]
+_PLANE = np.stack([_X.ravel(), _Y.ravel(), np.ones(THUMB * THUMB)], axis=1).astype(np.float64)
+_PLANE_PINV = np.linalg.pinv(_PLANE)
 BIT_DEPTH = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}
 
 
 @dataclass(frozen=True)
 class ImageFacts:
     sha256: str
-    dhash: int
+    signature: np.ndarray
+    """THUMB*THUMB float32, illumination plane removed, unit norm (zero for a flat image)."""
     channels: int
     bit_depth: int
 
@@ -61,30 +71,38 @@ class ValidationReport:
         }
 
 
-def difference_hash(image: Image.Image) -> int:
-    """64-bit dHash: is each pixel brighter than its right neighbour, on a 9x8 greyscale thumbnail."""
-    grey = np.asarray(image.convert("L").resize((9, 8), Image.BILINEAR), dtype=np.int16)
-    bits = (grey[:, 1:] > grey[:, :-1]).flatten()
-    return int(np.packbits(bits).view(">u8")[0])
+def thumbnail_signature(image: Image.Image) -> np.ndarray:
+    """What near-duplicate detection compares: a grey thumbnail minus its best-fit illumination plane."""
+    grey = image if image.mode == "L" else image.convert("L")
+    pixels = np.asarray(grey.resize((THUMB, THUMB), Image.BILINEAR), dtype=np.float64).ravel()
+    residual = pixels - _PLANE @ (_PLANE_PINV @ pixels)
+    norm = np.linalg.norm(residual)
+    # A flat image has no structure to match on: a zero signature never reaches the threshold.
+    return (residual / norm if norm > 1e-3 * THUMB else np.zeros_like(residual)).astype(np.float32)
+
+
+def similarity(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a, b))
 
 
 def inspect_image(dataset: ImageDataset, sample: Sample) -> ImageFacts:
     """Decode and fingerprint one sample; raises ImageRejected with the reason."""
     if sample.ref.startswith("npz:"):
         image = dataset.load(sample)
-        return ImageFacts(hashlib.sha256(image.tobytes()).hexdigest(), difference_hash(image), 1, 8)
-    from pathlib import Path
-
-    path = Path(sample.ref)
-    read_header(path)  # bombs and unsupported formats are refused before any pixel is decoded
-    data = path.read_bytes()
+        return ImageFacts(hashlib.sha256(image.tobytes()).hexdigest(), thumbnail_signature(image), 1, 8)
+    # The scan already read this file's header and refused bombs and unsupported formats.
+    data = Path(sample.ref).read_bytes()
+    if not data:
+        raise ImageRejected("empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as image:
             mode = image.mode
-            if image.format == "JPEG":
-                image.draft("RGB", (64, 64))
+            if image.format == "JPEG" and mode in ("L", "RGB", "YCbCr"):
+                image.draft("L", (4 * THUMB, 4 * THUMB))  # greyscale, reduced scale: all the signature needs
             image.load()
-            image = to_rgb(ImageOps.exif_transpose(image))
+            image = ImageOps.exif_transpose(image)
+            if image.mode not in ("L", "RGB"):
+                image = to_rgb(image)
     except OSError as error:
         raise ImageRejected(
             "truncated file" if "truncated" in str(error) else f"corrupt image data: {error}"
@@ -93,7 +111,7 @@ def inspect_image(dataset: ImageDataset, sample: Sample) -> ImageFacts:
         raise ImageRejected(f"corrupt image data: {error}") from None
     channels = Image.getmodebands(mode)
     return ImageFacts(
-        hashlib.sha256(data).hexdigest(), difference_hash(image), channels, BIT_DEPTH.get(mode, 8)
+        hashlib.sha256(data).hexdigest(), thumbnail_signature(image), channels, BIT_DEPTH.get(mode, 8)
     )
 
 
@@ -101,18 +119,17 @@ def _row(dataset: ImageDataset, sample: Sample) -> dict:
     return {"path": sample.ref, "label": dataset.classes[sample.label], "split": sample.split}
 
 
-def _near_pairs(hashes: np.ndarray, max_bits: int) -> list[tuple[int, int, int]]:
-    """All pairs (i, j, distance) with i < j within `max_bits`, in blocks to bound memory."""
+def _near_pairs(signatures: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
+    """All pairs (i, j, correlation) with i < j at or above `threshold`, in blocks of about 64 MB."""
     pairs = []
-    for start in range(0, len(hashes), 2048):
-        block = hashes[start : start + 2048]
-        xor = block[:, None] ^ hashes[None, :]
-        distance = np.unpackbits(xor.view(np.uint8), axis=-1).reshape(len(block), len(hashes), -1).sum(-1)
-        rows, columns = np.nonzero(distance <= max_bits)
+    rows_per_block = max(1, 2**24 // max(1, len(signatures)))
+    for start in range(0, len(signatures), rows_per_block):
+        scores = signatures[start : start + rows_per_block] @ signatures.T
+        rows, columns = np.nonzero(scores >= threshold)
         for row, column in zip(rows.tolist(), columns.tolist(), strict=True):
             i = start + row
             if i < column:
-                pairs.append((i, column, int(distance[row, column])))
+                pairs.append((i, column, round(float(scores[row, column]), 4)))
     return pairs
 
 
@@ -175,17 +192,18 @@ def validate(
             report.exact_duplicates.append(rows)
             if len({row["label"] for row in rows}) > 1:
                 report.label_conflicts.append(rows)
-    hashes = np.array([facts[s.ref].dhash for s in kept], dtype=np.uint64)
-    for i, j, bits in _near_pairs(hashes, NEAR_DUPLICATE_BITS):
+    signatures = np.array([facts[s.ref].signature for s in kept], dtype=np.float32).reshape(len(kept), -1)
+    for i, j, score in _near_pairs(signatures, NEAR_DUPLICATE_CORRELATION):
         if facts[kept[i].ref].sha256 != facts[kept[j].ref].sha256:
             report.near_duplicates.append(
-                {"a": _row(dataset, kept[i]), "b": _row(dataset, kept[j]), "bits": bits}
+                {"a": _row(dataset, kept[i]), "b": _row(dataset, kept[j]), "correlation": score}
             )
     if report.exact_duplicates:
         report.warnings.append(f"{len(report.exact_duplicates)} group(s) of identical files")
     if report.near_duplicates:
         report.warnings.append(
-            f"{len(report.near_duplicates)} near-duplicate pair(s) (dHash within {NEAR_DUPLICATE_BITS} bits)"
+            f"{len(report.near_duplicates)} near-duplicate pair(s) (thumbnail correlation >= "
+            f"{NEAR_DUPLICATE_CORRELATION})"
         )
     if report.label_conflicts:
         report.warnings.append(f"{len(report.label_conflicts)} identical file(s) carry different labels")
@@ -193,25 +211,26 @@ def validate(
 
 
 def remove_leakage(dataset: ImageDataset, report: ValidationReport) -> ImageDataset:
-    """Drop from test every image that is (near-)identical to a training image, and say so."""
+    """Drop from test every image that is (near-)identical to one in train or val, and say so. Val counts:
+    early stopping and model selection looked at it."""
     facts: dict[str, ImageFacts] = dataset.fingerprints
-    train = [s for s in dataset.samples if s.split == "train" and s.ref in facts]
+    train = [s for s in dataset.samples if s.split in ("train", "val") and s.ref in facts]
     if not train:
         return dataset
     train_sha = {facts[s.ref].sha256 for s in train}
-    train_hashes = np.array([facts[s.ref].dhash for s in train], dtype=np.uint64)
+    train_signatures = np.array([facts[s.ref].signature for s in train], dtype=np.float32)
     leaked = set()
     for sample in dataset.samples:
         if sample.split != "test" or sample.ref not in facts:
             continue
         fact = facts[sample.ref]
-        distance = np.unpackbits((train_hashes ^ np.uint64(fact.dhash)).view(np.uint8)).reshape(-1, 64).sum(1)
-        if fact.sha256 in train_sha or (distance <= NEAR_DUPLICATE_BITS).any():
+        closest = float((train_signatures @ fact.signature).max())
+        if fact.sha256 in train_sha or closest >= NEAR_DUPLICATE_CORRELATION:
             leaked.add(sample.ref)
             report.leaked_from_test.append(_row(dataset, sample))
     if leaked:
         report.warnings.append(
-            f"{len(leaked)} test image(s) duplicate training images and were removed from "
+            f"{len(leaked)} test image(s) duplicate train/val images and were removed from "
             "test (leakage would inflate the reported accuracy)"
         )
     return replace(dataset, samples=[s for s in dataset.samples if s.ref not in leaked])
