@@ -39,8 +39,8 @@ BIT_DEPTH = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}
 @dataclass(frozen=True)
 class ImageFacts:
     sha256: str
-    signature: np.ndarray
-    """THUMB*THUMB float32, illumination plane removed, unit norm (zero for a flat image)."""
+    thumbnail: np.ndarray
+    """THUMB*THUMB grey pixels (uint8); signatures are computed from all of them at once."""
     channels: int
     bit_depth: int
 
@@ -71,14 +71,23 @@ class ValidationReport:
         }
 
 
-def thumbnail_signature(image: Image.Image) -> np.ndarray:
-    """What near-duplicate detection compares: a grey thumbnail minus its best-fit illumination plane."""
+def grey_thumbnail(image: Image.Image) -> np.ndarray:
     grey = image if image.mode == "L" else image.convert("L")
-    pixels = np.asarray(grey.resize((THUMB, THUMB), Image.BILINEAR), dtype=np.float64).ravel()
-    residual = pixels - _PLANE @ (_PLANE_PINV @ pixels)
-    norm = np.linalg.norm(residual)
+    return np.asarray(grey.resize((THUMB, THUMB), Image.BILINEAR), dtype=np.uint8).ravel()
+
+
+def signatures(thumbnails: np.ndarray) -> np.ndarray:
+    """What near-duplicate detection compares: each grey thumbnail (a row) minus its best-fit illumination
+    plane, scaled to unit norm. One matrix product for all rows: per-image numpy calls would hold the GIL."""
+    pixels = thumbnails.astype(np.float64).reshape(len(thumbnails), -1)
+    residual = pixels - (pixels @ _PLANE_PINV.T) @ _PLANE.T
+    norms = np.linalg.norm(residual, axis=1, keepdims=True)
     # A flat image has no structure to match on: a zero signature never reaches the threshold.
-    return (residual / norm if norm > 1e-3 * THUMB else np.zeros_like(residual)).astype(np.float32)
+    return np.where(norms > 1e-3 * THUMB, residual / np.maximum(norms, 1e-12), 0.0).astype(np.float32)
+
+
+def thumbnail_signature(image: Image.Image) -> np.ndarray:
+    return signatures(grey_thumbnail(image)[None, :])[0]
 
 
 def similarity(a: np.ndarray, b: np.ndarray) -> float:
@@ -89,7 +98,7 @@ def inspect_image(dataset: ImageDataset, sample: Sample) -> ImageFacts:
     """Decode and fingerprint one sample; raises ImageRejected with the reason."""
     if sample.ref.startswith("npz:"):
         image = dataset.load(sample)
-        return ImageFacts(hashlib.sha256(image.tobytes()).hexdigest(), thumbnail_signature(image), 1, 8)
+        return ImageFacts(hashlib.sha256(image.tobytes()).hexdigest(), grey_thumbnail(image), 1, 8)
     # The scan already read this file's header and refused bombs and unsupported formats.
     data = Path(sample.ref).read_bytes()
     if not data:
@@ -100,7 +109,8 @@ def inspect_image(dataset: ImageDataset, sample: Sample) -> ImageFacts:
             if image.format == "JPEG" and mode in ("L", "RGB", "YCbCr"):
                 image.draft("L", (4 * THUMB, 4 * THUMB))  # greyscale, reduced scale: all the signature needs
             image.load()
-            image = ImageOps.exif_transpose(image)
+            if "exif" in image.info:  # parsing EXIF costs more than the thumbnail on small files
+                image = ImageOps.exif_transpose(image)
             if image.mode not in ("L", "RGB"):
                 image = to_rgb(image)
     except OSError as error:
@@ -111,7 +121,7 @@ def inspect_image(dataset: ImageDataset, sample: Sample) -> ImageFacts:
         raise ImageRejected(f"corrupt image data: {error}") from None
     channels = Image.getmodebands(mode)
     return ImageFacts(
-        hashlib.sha256(data).hexdigest(), thumbnail_signature(image), channels, BIT_DEPTH.get(mode, 8)
+        hashlib.sha256(data).hexdigest(), grey_thumbnail(image), channels, BIT_DEPTH.get(mode, 8)
     )
 
 
@@ -192,8 +202,8 @@ def validate(
             report.exact_duplicates.append(rows)
             if len({row["label"] for row in rows}) > 1:
                 report.label_conflicts.append(rows)
-    signatures = np.array([facts[s.ref].signature for s in kept], dtype=np.float32).reshape(len(kept), -1)
-    for i, j, score in _near_pairs(signatures, NEAR_DUPLICATE_CORRELATION):
+    kept_signatures = signatures(np.array([facts[s.ref].thumbnail for s in kept]).reshape(len(kept), -1))
+    for i, j, score in _near_pairs(kept_signatures, NEAR_DUPLICATE_CORRELATION):
         if facts[kept[i].ref].sha256 != facts[kept[j].ref].sha256:
             report.near_duplicates.append(
                 {"a": _row(dataset, kept[i]), "b": _row(dataset, kept[j]), "correlation": score}
@@ -218,13 +228,13 @@ def remove_leakage(dataset: ImageDataset, report: ValidationReport) -> ImageData
     if not train:
         return dataset
     train_sha = {facts[s.ref].sha256 for s in train}
-    train_signatures = np.array([facts[s.ref].signature for s in train], dtype=np.float32)
+    train_signatures = signatures(np.array([facts[s.ref].thumbnail for s in train]))
     leaked = set()
     for sample in dataset.samples:
         if sample.split != "test" or sample.ref not in facts:
             continue
         fact = facts[sample.ref]
-        closest = float((train_signatures @ fact.signature).max())
+        closest = float((train_signatures @ signatures(fact.thumbnail[None, :])[0]).max())
         if fact.sha256 in train_sha or closest >= NEAR_DUPLICATE_CORRELATION:
             leaked.add(sample.ref)
             report.leaked_from_test.append(_row(dataset, sample))
