@@ -35,6 +35,8 @@ class DataSummary:
 
     labeled_examples: int = 0
     per_class: dict[str, int] | None = None
+    domain_measurement: dict | None = None
+    """From visionroute.data.domain: at least `far` (bool) and `sentence` (for the reasons)."""
 
 
 @dataclass
@@ -121,7 +123,11 @@ def _generic(spec: TaskSpec, examples: int, costs: dict, prices: Prices, policy:
     )
 
 
-def _specific(spec: TaskSpec, examples: int, policy: Policy) -> _Verdict:
+def _images(spec: TaskSpec) -> str:
+    return "these images (domain measured)" if spec.domain == Domain.auto else f"'{spec.domain.value}' images"
+
+
+def _specific(spec: TaskSpec, examples: int, policy: Policy, far: bool) -> _Verdict:
     enough = policy.sufficient_for_scratch
     if spec.constraints.proven_need:
         if examples >= enough:
@@ -139,6 +145,7 @@ def _specific(spec: TaskSpec, examples: int, policy: Policy) -> _Verdict:
             ),
             examples,
             policy,
+            far,
         )
         verdict.rule = (
             "proven-need-insufficient-finetune" if verdict.route == Route.finetune else verdict.rule
@@ -149,7 +156,7 @@ def _specific(spec: TaskSpec, examples: int, policy: Policy) -> _Verdict:
         )
         return verdict
     domain = spec.domain
-    if not policy.is_far(domain):
+    if not far:
         warnings = []
         if domain == Domain.other:
             warnings.append(
@@ -162,7 +169,7 @@ def _specific(spec: TaskSpec, examples: int, policy: Policy) -> _Verdict:
             "specific-imagenet-like-finetune",
             [
                 "Classifying the team's own classes is a specific task no generic API serves.",
-                f"'{domain.value}' images are ImageNet-like, so ImageNet features transfer; with {size} data "
+                f"{_images(spec)} are ImageNet-like, so ImageNet features transfer; with {size} data "
                 f"({examples:,} labelled) fine-tuning a pretrained CNN is the efficient route.",
             ],
             warnings=warnings,
@@ -172,11 +179,11 @@ def _specific(spec: TaskSpec, examples: int, policy: Policy) -> _Verdict:
             Route.finetune,
             "specific-far-small-finetune",
             [
-                f"'{domain.value}' images are far from ImageNet, but {examples:,} labelled images "
+                f"{_images(spec)} are far from ImageNet, but {examples:,} labelled images "
                 f"(< {enough:,}) are too few to train from scratch.",
             ],
             warnings=[
-                f"ImageNet features may transfer weakly to {domain.value} images; prefer a domain-pretrained "
+                f"ImageNet features may transfer weakly to {_images(spec)}; prefer a domain-pretrained "
                 "checkpoint (training.checkpoint) when one is registered."
             ],
         )
@@ -186,7 +193,7 @@ def _specific(spec: TaskSpec, examples: int, policy: Policy) -> _Verdict:
             Route.finetune,
             "specific-far-large-domain-finetune",
             [
-                f"'{domain.value}' images are far from ImageNet and {examples:,} labelled images would allow "
+                f"{_images(spec)} are far from ImageNet and {examples:,} labelled images would allow "
                 f"scratch, but a domain-pretrained checkpoint is registered ({checkpoint}); fine-tuning it "
                 "is cheaper and starts closer.",
             ],
@@ -195,15 +202,17 @@ def _specific(spec: TaskSpec, examples: int, policy: Policy) -> _Verdict:
         Route.scratch,
         "specific-far-large-scratch",
         [
-            f"'{domain.value}' images are far from ImageNet, so ImageNet features help little.",
+            f"{_images(spec)} are far from ImageNet, so ImageNet features help little.",
             f"{examples:,} labelled images (>= {enough:,}) are enough to train a CNN from scratch.",
         ],
     )
 
 
-def _rejections(chosen: Route, spec: TaskSpec, costs: dict, examples: int, policy: Policy) -> list[dict]:
+def _rejections(
+    chosen: Route, spec: TaskSpec, costs: dict, examples: int, policy: Policy, far: bool
+) -> list[dict]:
     """Why each route other than `chosen` was not taken, in words specific to this task."""
-    enough, far = policy.sufficient_for_scratch, policy.is_far(spec.domain)
+    enough = policy.sufficient_for_scratch
     api = costs["vision_api"]
     if not api["applicable"]:
         api_why = api["why"]
@@ -223,7 +232,7 @@ def _rejections(chosen: Route, spec: TaskSpec, costs: dict, examples: int, polic
             f"the {api.get('provider')} API already does this generic task at "
             f"${api.get('monthly_usd', 0):,.2f}/month"
             if chosen == Route.vision_api and spec.is_generic
-            else f"'{spec.domain.value}' is far from ImageNet and {examples:,} labelled images (>= {enough:,}) "
+            else f"{_images(spec)} are far from ImageNet and {examples:,} labelled images (>= {enough:,}) "
             "support training from scratch"
             if far or spec.constraints.proven_need
             else "not needed"
@@ -231,7 +240,7 @@ def _rejections(chosen: Route, spec: TaskSpec, costs: dict, examples: int, polic
         scratch_why = (
             f"{examples:,} labelled images are fewer than the {enough:,} scratch needs"
             if examples < enough
-            else f"ImageNet features transfer to '{spec.domain.value}' images; fine-tuning gets there cheaper"
+            else f"ImageNet features transfer to {_images(spec)}; fine-tuning gets there cheaper"
             if not far and not spec.constraints.proven_need
             else "a generic task that the API already serves"
             if chosen == Route.vision_api
@@ -239,6 +248,33 @@ def _rejections(chosen: Route, spec: TaskSpec, costs: dict, examples: int, polic
         )
     why = {Route.vision_api: api_why, Route.finetune: finetune_why, Route.scratch: scratch_why}
     return [{"route": route.value, "why": why[route]} for route in Route if route != chosen]
+
+
+def _resolve_domain(
+    spec: TaskSpec, summary: DataSummary, policy: Policy
+) -> tuple[bool, list[str], list[str]]:
+    """(far from ImageNet?, reasons, warnings): measured for domain auto, declared otherwise, and a warning
+    when a measurement contradicts the declared domain."""
+    measured = summary.domain_measurement
+    if spec.domain == Domain.auto:
+        if measured is None:
+            raise CannotDecide(
+                "domain: auto needs the images measured: give data.path (the flow and `visionroute decide` "
+                "measure it), or declare the domain"
+            )
+        return bool(measured["far"]), [measured["sentence"]], []
+    declared_far = policy.is_far(spec.domain)
+    if measured is None or bool(measured["far"]) == declared_far:
+        return declared_far, ([measured["sentence"]] if measured else []), []
+    side = "far from ImageNet" if measured["far"] else "ImageNet-like"
+    return (
+        declared_far,
+        [measured["sentence"]],
+        [
+            f"the declared domain '{spec.domain.value}' is {'far from ImageNet' if declared_far else 'ImageNet-like'} "
+            f"but the images measure {side}; the declared domain was used. Set domain: auto to follow the measurement."
+        ],
+    )
 
 
 def _class_checks(summary: DataSummary, policy: Policy) -> tuple[list[str], list[str]]:
@@ -287,6 +323,7 @@ def decide(
         amortisation_months=policy.amortisation_months,
     )
 
+    far, domain_notes, domain_warnings = _resolve_domain(spec, summary, policy)
     if spec.is_generic:
         verdict = _generic(spec, examples, costs, prices, policy)
     elif examples == 0:
@@ -295,10 +332,11 @@ def decide(
             "to a folder with one sub-folder of images per class (or a .npz), or give data.labeled_examples"
         )
     else:
-        verdict = _specific(spec, examples, policy)
+        verdict = _specific(spec, examples, policy, far)
 
     route, rule, reasons, provider = verdict.route, verdict.rule, list(verdict.reasons), verdict.provider
-    warnings = list(verdict.warnings)
+    reasons += domain_notes if not spec.is_generic else []
+    warnings = list(verdict.warnings) + domain_warnings
     forced = spec.route != "auto" and Route(spec.route) != verdict.route
     if forced:
         route, provider = Route(spec.route), None
@@ -342,7 +380,7 @@ def decide(
         reasons=reasons,
         provider=provider,
         model=model,
-        rejected=_rejections(route, spec, costs, examples, policy),
+        rejected=_rejections(route, spec, costs, examples, policy, far),
         warnings=warnings,
         costs=costs,
         forced=forced,
@@ -351,7 +389,8 @@ def decide(
             "task": spec.task.value,
             "generic": spec.is_generic,
             "domain": spec.domain.value,
-            "far_from_imagenet": policy.is_far(spec.domain),
+            "far_from_imagenet": far,
+            "domain_measurement": summary.domain_measurement,
             "labeled_examples": examples,
             "per_class": summary.per_class,
             "monthly_volume": spec.constraints.monthly_volume,

@@ -26,7 +26,7 @@ def _decide(args) -> int:
 
     status = 0
     for spec_path in args.spec:
-        result = plan(spec_path, args.prices)
+        result = plan(spec_path, args.prices, measure_domain=args.measure_domain)
         if args.json:
             print(
                 json.dumps(
@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     decide.add_argument("spec", nargs="+", help="task spec YAML file(s)")
     decide.add_argument("--json", action="store_true", help="machine-readable decision")
     decide.add_argument("--prices", help="price file (default: $VISIONROUTE_PRICES or the bundled one)")
+    decide.add_argument(
+        "--measure-domain",
+        action="store_true",
+        help="measure how far the images are from ImageNet even when the domain is declared (always for auto)",
+    )
     decide.set_defaults(handler=_decide)
 
     run = commands.add_parser(

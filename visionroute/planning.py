@@ -8,7 +8,7 @@ from visionroute.data.dataset import DatasetError, ImageDataset, assign_splits, 
 from visionroute.data.validation import ValidationReport, remove_leakage, validate
 from visionroute.flows.costs import load_prices
 from visionroute.flows.decision import DataSummary, Decision, decide
-from visionroute.spec import TaskSpec, load_spec
+from visionroute.spec import Domain, TaskSpec, load_spec
 
 
 @dataclass
@@ -30,12 +30,16 @@ def read_data(spec: TaskSpec) -> tuple[ImageDataset | None, DataSummary]:
     return dataset, DataSummary(labeled_examples=len(dataset.samples), per_class=dataset.per_class())
 
 
-def plan(spec_path: str, prices_path: str | None = None, check_images: bool = False) -> Plan:
+def plan(
+    spec_path: str, prices_path: str | None = None, check_images: bool = False, measure_domain: bool = False
+) -> Plan:
     """Load, scan and decide. Raises SpecError, DatasetError or CannotDecide with a message for a person.
 
     With `check_images` (the flow), every image is decoded and fingerprinted first: quarantined files leave
     the counts, the splits are fixed (seeded) and test images that duplicate training images are removed.
     Without it (`visionroute decide`), counts come from file headers alone, which is fast on large folders.
+    The domain is measured (pretrained against random features, well under a minute for 1,000 images) for
+    `domain: auto`, with `measure_domain`, and in the flow for every specific task with data.
     """
     spec = load_spec(spec_path)
     dataset, summary = read_data(spec)
@@ -44,6 +48,12 @@ def plan(spec_path: str, prices_path: str | None = None, check_images: bool = Fa
         dataset, report = validate(dataset)
         dataset = remove_leakage(assign_splits(dataset, seed=spec.training.seed), report)
         summary = DataSummary(labeled_examples=len(dataset.samples), per_class=dataset.per_class())
+    wants_measure = spec.domain == Domain.auto or measure_domain or check_images
+    if dataset is not None and not spec.is_generic and wants_measure and len(dataset.classes) >= 2:
+        from visionroute.data.domain import measure_domain as measure
+
+        measured = measure(dataset, seed=spec.training.seed).to_dict()
+        summary = DataSummary(summary.labeled_examples, summary.per_class, measured)
     decision = decide(spec, summary, load_prices(prices_path))
     if report is not None:
         decision.warnings += report.warnings

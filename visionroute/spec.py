@@ -35,6 +35,8 @@ class Domain(StrEnum):
     microscopy = "microscopy"
     volumetric = "volumetric"
     other = "other"
+    auto = "auto"
+    """Measured from the images: pretrained against random features (visionroute.data.domain)."""
 
 
 class Route(StrEnum):
