@@ -82,6 +82,10 @@ def test_route_trains_tracks_registers_and_promotes(task_spec, tmp_path):
     assert (
         decision["route"] == "finetune" and decision["costs"]["finetune"]["model"] == "tf_efficientnet_lite0"
     )
+    # The domain is measured on every specific task with data; colour fields need no ImageNet features, so the
+    # measurement contradicts the declared 'natural' and says so, while the declared domain still decides.
+    assert decision["inputs"]["domain_measurement"]["images"] > 0
+    assert any("declared domain 'natural'" in warning for warning in decision["warnings"])
 
     # Nested training run: metrics, pictures, skipped files with reasons.
     result = outcome["result"]
