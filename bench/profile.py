@@ -55,9 +55,9 @@ def main() -> None:
     for root in map(Path, args.roots):
         paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         bare_decode(paths[:50])  # warm the page cache on both sides alike
-        bare = max(bare_decode(paths) for _ in range(2))
+        bare = max(bare_decode(paths) for _ in range(3))
         runs = []
-        for _ in range(2):
+        for _ in range(3):
             started = time.perf_counter()
             dataset, report = validate(scan_dataset(root), progress=False)
             runs.append(len(paths) / (time.perf_counter() - started))
