@@ -14,6 +14,7 @@ from typing import Protocol, runtime_checkable
 from visionroute.flows.decision import Decision
 
 from visionroute.data.dataset import ImageDataset
+from visionroute.registry import Registry
 from visionroute.spec import TaskSpec
 
 
@@ -54,26 +55,16 @@ class Backend(Protocol):
     def run(self, context: BackendContext) -> BackendResult: ...
 
 
-_REGISTRY: dict[str, Callable[..., Backend]] = {}
+_BACKENDS: Registry[Backend] = Registry("backend")
 
 
 def register_backend(name: str) -> Callable[[Callable[..., Backend]], Callable[..., Backend]]:
-    def decorator(factory: Callable[..., Backend]) -> Callable[..., Backend]:
-        if name in _REGISTRY:
-            raise ValueError(f"backend {name!r} is registered twice")
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorator
+    return _BACKENDS.register(name)
 
 
 def create_backend(name: str, **config) -> Backend:
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"no backend named {name!r}; registered: {', '.join(list_backends())}") from None
-    return factory(**config)
+    return _BACKENDS.create(name, **config)
 
 
 def list_backends() -> list[str]:
-    return sorted(_REGISTRY)
+    return _BACKENDS.names()
