@@ -13,9 +13,15 @@ export DO_NOT_TRACK ?= 1
 
 install: $(STAMP)
 
+# Tesseract serves OCR on premises (the vision_api route's `local` provider): Debian's tesseract-ocr.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
 # torch 2.14.1 / torchvision 0.29.1 come from this machine's local package files (pip config), no download.
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11+) on PATH"; exit 1; }
+	@command -v tesseract >/dev/null || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq tesseract-ocr >/dev/null; } || \
+		{ echo "could not install tesseract-ocr (apt-get); install it by hand for on-premises OCR"; exit 1; }
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'

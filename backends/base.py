@@ -30,7 +30,10 @@ class BackendContext:
     work_dir: Path
     """Scratch space for this run (checkpoints); kept after the run."""
     on_progress: Callable[[dict], None] | None = None
-    """Called after each epoch with the epoch record (Prefect progress artifact, terminal line)."""
+    """Called as work advances: after each epoch with the epoch record ("epoch", "epochs"), or with
+    {"done", "total"} images (Prefect progress artifact)."""
+    prices_path: str | None = None
+    """The price file the decision used; estimated costs use the same one."""
 
 
 @dataclass

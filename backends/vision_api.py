@@ -1,7 +1,9 @@
-"""Route `vision_api`: generic tasks (tags, OCR, objects, faces) through a cloud Vision API or on premises.
+"""Route `vision_api`: generic tasks (tags, OCR, objects, faces), or a classify task through a label_map, sent
+to a cloud Vision API (google, aws, azure) or run on premises (local).
 
-The providers (google, aws, azure, local) land with the Vision API issue (#3). Until then this backend
-refuses clearly, so a flow never pretends to have labelled anything; `visionroute decide` still answers.
+Recipe: pick the images (vision_api.input, else data.path) -> annotate them at the quota's speed with
+retries and the result cache (visionroute.vision.runner) -> one JSON line per image -> log to MLflow: images
+sent, billed units, cache hits, errors by kind, estimated cost, latency p50/p95, images/s, the results.
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from visionroute.backends.base import BackendContext, BackendResult, BackendUnavailable, register_backend
+from visionroute.flows.costs import load_prices
 
-PROVIDERS = ("google", "aws", "azure", "local")
+from visionroute import tracking
+from visionroute.vision.base import ApiError, ProviderConfigError
 
 
 @dataclass
@@ -18,12 +22,89 @@ class VisionApiBackend:
     name: str = "vision_api"
 
     def run(self, context: BackendContext) -> BackendResult:
-        provider = context.decision.provider
-        raise BackendUnavailable(
-            f"the vision_api route (provider '{provider}') is decided but cannot run yet: its providers "
-            f"({', '.join(PROVIDERS)}) land with the Vision API issue (#3). The decision is recorded; "
-            "run `visionroute decide` to see it, or force route finetune for a classify/tag task with labelled data."
+        from visionroute.vision.service import annotate, input_paths, map_to_class, write_jsonl
+
+        spec, provider = context.spec, context.decision.provider
+        paths, skipped = input_paths(spec, context.dataset)
+        truth = {}
+        if spec.classify_by_api and context.dataset is not None and spec.vision_api.input is None:
+            truth = {s.ref: context.dataset.classes[s.label] for s in context.dataset.samples}
+
+        client = tracking.configure()
+        run_id = tracking.start_run(
+            client,
+            spec.name,
+            f"vision-api-{provider}",
+            {"visionroute.route": self.name, "visionroute.provider": provider},
+            context.parent_run_id,
         )
+        v = spec.vision_api
+        # Settings only: credentials never reach params (each SDK reads its own from the environment).
+        tracking.log_params(
+            client,
+            run_id,
+            {
+                "provider": provider,
+                "feature": "tag" if spec.classify_by_api else spec.task.value,
+                "images": len(paths),
+                "endpoint": v.endpoint or "default",
+                "transport": v.transport if provider == "google" else None,
+                "requests_per_minute": v.requests_per_minute or "provider default",
+                "images_per_minute": v.images_per_minute or "provider default",
+                "retry_deadline_s": v.retry_deadline_s,
+                "cache": v.cache,
+            },
+        )
+        tracking.log_json(client, run_id, skipped, "data/skipped.json")
+        total = max(1, len(paths))
+        step = max(1, total // 50)  # about 50 progress updates, not one per image
+
+        def on_progress(done: int, _total: int) -> None:
+            if context.on_progress and (done % step == 0 or done == total):
+                context.on_progress({"done": done, "total": total})
+
+        try:
+            result = annotate(
+                spec, provider, paths, load_prices(context.prices_path), on_progress=on_progress
+            )
+        except (ProviderConfigError, ApiError) as error:
+            client.set_tag(run_id, "visionroute.error", str(error)[:5000])
+            client.set_terminated(run_id, "FAILED")
+            raise BackendUnavailable(str(error)) from None
+        metrics = result.metrics()
+        if spec.classify_by_api:
+            correct = labelled = 0
+            for row in result.rows:
+                row["class"] = None if row["error"] else map_to_class(row["labels"], v.label_map)[0]
+                if row["path"] in truth:
+                    row["true_class"] = truth[row["path"]]
+                    labelled += 1
+                    correct += row["class"] == row["true_class"]
+            if labelled:
+                metrics["accuracy"] = round(correct / labelled, 4)
+        tracking.log_metrics(client, run_id, metrics)
+        with_errors = [row for row in result.rows if row["error"]]
+        tracking.log_json(client, run_id, with_errors, "errors.json")
+        out = write_jsonl(result.rows, context.work_dir / "results.jsonl")
+        client.log_artifact(run_id, str(out))
+        if v.output is not None:
+            write_jsonl(result.rows, v.output)
+        if metrics["answered"] == 0 and metrics["errors"]:
+            kinds = ", ".join(f"{kind} x{n}" for kind, n in sorted(result.stats.errors_by_kind.items()))
+            client.set_tag(run_id, "visionroute.error", f"no image answered: {kinds}")
+            client.set_terminated(run_id, "FAILED")
+            raise BackendUnavailable(
+                f"{provider}: no image was answered ({kinds}); the first error: {with_errors[0]['error']['message']}. "
+                f"Every image's error is in {out}"
+            )
+        client.set_terminated(run_id, "FINISHED")
+        summary = (
+            f"{provider} {result.feature}: {metrics['answered']} of {metrics['images']} image(s) answered "
+            f"({metrics['cache_hits']} from cache, {metrics['errors']} error(s)), {metrics['billed_units']} billed "
+            f"unit(s), about ${metrics['estimated_cost_usd']:.2f}, {metrics['images_per_s']} images/s; results: "
+            f"{v.output or out}"
+        )
+        return BackendResult(route=self.name, run_id=run_id, metrics=metrics, summary=summary)
 
 
 @register_backend("vision_api")

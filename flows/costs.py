@@ -138,8 +138,10 @@ def route_costs(
     finetune_model: str,
     scratch_model: str,
     amortisation_months: int,
+    api_task: Task | None = None,
 ) -> dict:
-    """Per-route cost estimates, as recorded in the decision."""
+    """Per-route cost estimates, as recorded in the decision. `api_task` is what a Vision API would be asked
+    (a classify task with a label_map is served by tagging); None when no API can serve the task."""
     costs: dict = {
         "prices": {"file": prices.source, "as_of": prices.raw.get("as_of")},
         "monthly_volume": volume,
@@ -154,9 +156,13 @@ def route_costs(
             "hosting_monthly_usd": round(hosting, 2),
             "monthly_usd": round(train_usd / amortisation_months + hosting, 2),
         }
-    if task == Task.classify:
-        costs["vision_api"] = {"applicable": False, "why": "no Vision API knows the team's own classes"}
+    if api_task is None:
+        costs["vision_api"] = {
+            "applicable": False,
+            "why": "no Vision API knows the team's own classes (a vision_api.label_map would let tags serve them)",
+        }
         return costs
+    task = api_task
     provider, monthly = cheapest_provider(prices, task, volume)
     by_provider = {
         name: None if (cost := api_monthly_cost(prices, name, task, volume)) is None else round(cost, 2)
@@ -170,6 +176,7 @@ def route_costs(
     costs["vision_api"] = {
         "applicable": True,
         "provider": provider,
+        "feature": task.value,
         "per_1000_usd": prices.api_price(provider, task),
         "monthly_usd": round(monthly, 2),
         "by_provider": by_provider,

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from visionroute.flows.costs import Prices, cheapest_provider, route_costs, self_hosted_monthly
 from visionroute.flows.policy import DEFAULT_POLICY, Policy
 
-from visionroute.spec import Domain, Route, TaskSpec
+from visionroute.spec import Domain, Route, Task, TaskSpec
 from visionroute.training.catalogue import choose_model
 
 LOCAL_PROVIDER = "local"
@@ -53,6 +53,8 @@ class Decision:
     auto_rule: str | None = None
     """With a forced route: the rule that would have applied."""
     inputs: dict = field(default_factory=dict)
+    escalation: dict | None = None
+    """Set when the flow escalated from a Vision API that missed its target accuracy (see `escalate`)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,6 +80,25 @@ def _models(spec: TaskSpec, examples: int) -> tuple[str, str]:
     )
 
 
+def _self_hosted_cost(spec: TaskSpec, examples: int, costs: dict, prices: Prices, policy: Policy) -> float:
+    """Monthly cost of our own model: fine-tuned when there are labels, a pretrained one served as-is if not."""
+    return self_hosted_monthly(
+        prices,
+        costs["finetune"]["model"],
+        "finetune" if examples else None,
+        examples,
+        spec.constraints.monthly_volume,
+        policy.amortisation_months,
+    )
+
+
+def _api_task(spec: TaskSpec) -> Task | None:
+    """What a Vision API would be asked for this task, or None when no API can serve it."""
+    if spec.is_generic:
+        return spec.task
+    return Task.tag if spec.classify_by_api else None
+
+
 def _generic(spec: TaskSpec, examples: int, costs: dict, prices: Prices, policy: Policy) -> _Verdict:
     task, volume = spec.task.value, spec.constraints.monthly_volume
     api = costs["vision_api"]
@@ -85,11 +106,7 @@ def _generic(spec: TaskSpec, examples: int, costs: dict, prices: Prices, policy:
         why = "images must not leave the premises (external_api_allowed: false)"
         suffix = "private"
     else:
-        self_model = costs["finetune"]["model"]
-        self_route = "finetune" if examples else None
-        self_cost = self_hosted_monthly(
-            prices, self_model, self_route, examples, volume, policy.amortisation_months
-        )
+        self_cost = _self_hosted_cost(spec, examples, costs, prices, policy)
         if cheapest_provider(prices, spec.task, volume)[1] <= self_cost:  # unrounded, as break-even is
             return _Verdict(
                 Route.vision_api,
@@ -120,6 +137,34 @@ def _generic(spec: TaskSpec, examples: int, costs: dict, prices: Prices, policy:
         f"generic-{suffix}-local",
         [f"'{task}' is generic, but {why}.", "With no labelled data, a pretrained model runs on premises."],
         provider=LOCAL_PROVIDER,
+    )
+
+
+def _label_map_api(
+    spec: TaskSpec, examples: int, costs: dict, prices: Prices, policy: Policy
+) -> _Verdict | None:
+    """A classify task whose classes map onto generic labels goes to the API when images may leave, no
+    custom model is proven necessary and the API is cheaper; the flow's fit test then checks the accuracy."""
+    if not spec.constraints.external_api_allowed or spec.constraints.proven_need:
+        return None
+    api = costs["vision_api"]
+    self_cost = _self_hosted_cost(spec, examples, costs, prices, policy)
+    if cheapest_provider(prices, Task.tag, spec.constraints.monthly_volume)[1] > self_cost:
+        return None
+    target = spec.vision_api.target_accuracy
+    return _Verdict(
+        Route.vision_api,
+        "specific-label-map-api",
+        [
+            "vision_api.label_map maps every class onto labels a generic Vision API already returns.",
+            f"At {spec.constraints.monthly_volume:,} images/month the cheapest API ({api['provider']}) costs "
+            f"${api['monthly_usd']:,.2f}/month, below a custom model at ${self_cost:,.2f}/month.",
+            f"The flow runs a fit test on a labelled sample first and escalates to training below "
+            f"target_accuracy {target}."
+            if target
+            else "No target_accuracy is set, so the API is used as mapped; run `visionroute fit-test` to measure it.",
+        ],
+        provider=api["provider"],
     )
 
 
@@ -299,6 +344,61 @@ def _class_checks(summary: DataSummary, policy: Policy) -> tuple[list[str], list
     return errors, warnings
 
 
+def _named_provider(spec: TaskSpec, provider: str | None, prices: Prices) -> tuple[str | None, str | None]:
+    """The provider the spec names (vision_api.provider) instead of the cheapest; refused when it would send
+    images out against external_api_allowed: false, or does not offer the feature."""
+    named = spec.vision_api.provider
+    if named == "auto" or named == provider:
+        return provider, None
+    if named == LOCAL_PROVIDER:
+        return named, "vision_api.provider names local: images are annotated on premises."
+    if not spec.constraints.external_api_allowed:
+        raise CannotDecide(
+            f"vision_api.provider is '{named}', but external_api_allowed is false: images may not leave the "
+            "premises. Set vision_api.provider to local or auto, or allow external APIs"
+        )
+    feature = _api_task(spec)
+    if prices.api_price(named, feature) is None:
+        offering = [p for p in prices.providers if prices.api_price(p, feature) is not None]
+        raise CannotDecide(
+            f"vision_api.provider '{named}' does not offer '{feature.value}'; choose one of {offering + ['local']}"
+        )
+    return named, f"vision_api.provider names '{named}' (the cheapest would be '{provider}')."
+
+
+def escalate(
+    decision: Decision,
+    fit: dict,
+    spec: TaskSpec,
+    summary: DataSummary,
+    prices: Prices,
+    policy: Policy = DEFAULT_POLICY,
+) -> Decision:
+    """The decision after a Vision API missed `vision_api.target_accuracy` in the fit test: the route the
+    rules give without the label_map (a trained model), with the fit figures recorded as the reason."""
+    without_map = spec.model_copy(
+        update={"vision_api": spec.vision_api.model_copy(update={"label_map": None, "target_accuracy": None})}
+    )
+    trained = decide(without_map, summary, prices, policy)
+    trained.auto_rule = trained.rule
+    trained.rule = f"escalated-{trained.route}"
+    trained.reasons = [
+        f"The {fit['provider']} API reached accuracy {fit['accuracy']:.3f} on a {fit['images']}-image fit test, "
+        f"below target_accuracy {spec.vision_api.target_accuracy}; escalated to {trained.route}.",
+        *trained.reasons,
+    ]
+    trained.escalation = {
+        "from_route": decision.route,
+        "from_rule": decision.rule,
+        "provider": fit["provider"],
+        "fit_accuracy": fit["accuracy"],
+        "target_accuracy": spec.vision_api.target_accuracy,
+        "fit_images": fit["images"],
+        "fit_run_id": fit.get("run_id"),
+    }
+    return trained
+
+
 def decide(
     spec: TaskSpec,
     summary: DataSummary | None = None,
@@ -321,11 +421,15 @@ def decide(
         finetune_model=finetune_model,
         scratch_model=scratch_model,
         amortisation_months=policy.amortisation_months,
+        api_task=_api_task(spec),
     )
 
     far, domain_notes, domain_warnings = _resolve_domain(spec, summary, policy)
+    by_label_map = _label_map_api(spec, examples, costs, prices, policy) if spec.classify_by_api else None
     if spec.is_generic:
         verdict = _generic(spec, examples, costs, prices, policy)
+    elif by_label_map is not None:
+        verdict = by_label_map
     elif examples == 0:
         raise CannotDecide(
             f"task '{spec.name}' classifies into the team's own classes but has no labelled data: set data.path "
@@ -350,10 +454,10 @@ def decide(
             if not spec.constraints.external_api_allowed:
                 provider = LOCAL_PROVIDER
                 warnings.append("external APIs are not allowed, so the forced vision_api route runs locally")
-            elif not spec.is_generic:
+            elif _api_task(spec) is None:
                 raise CannotDecide(
                     "route 'vision_api' was forced, but no Vision API knows the team's own classes; "
-                    "use route auto, finetune or scratch"
+                    "give vision_api.label_map, or use route auto, finetune or scratch"
                 )
             else:
                 provider = costs["vision_api"]["provider"]
@@ -367,7 +471,10 @@ def decide(
                 "usually underperforms fine-tuning"
             )
 
-    if route != Route.vision_api:
+    if route == Route.vision_api:
+        provider, note = _named_provider(spec, provider, prices)
+        reasons += [note] if note else []
+    else:
         errors, class_warnings = _class_checks(summary, policy)
         if errors:
             raise CannotDecide("; ".join(errors))

@@ -7,6 +7,7 @@ tests call too. Works in Prefect's ephemeral mode (no server configured) and aga
 from __future__ import annotations
 
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from prefect import flow, get_run_logger, runtime, task
@@ -20,6 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from visionroute.backends import BackendContext, create_backend
 from visionroute.flows.artifacts import cost_rows, decision_markdown
 from visionroute.flows.costs import load_prices
+from visionroute.flows.decision import escalate
 
 from visionroute import tracking
 from visionroute.cost_chart import plot_costs
@@ -138,21 +140,66 @@ def open_tracking(result: Plan, spec_path: str, prices_path: str | None) -> str:
 
 
 @flow(name="run-backend", flow_run_name="{route}")
-def run_backend(route: str, result: Plan, parent_run_id: str) -> dict:
+def run_backend(route: str, result: Plan, parent_run_id: str, prices_path: str | None = None) -> dict:
     """The chosen route's backend, as a sub-flow with its own progress artifact."""
     spec = result.spec
     progress_id = create_progress_artifact(
-        progress=0.0, key=_key(spec.name, "training-progress"), description=f"{route}: epochs done"
+        progress=0.0,
+        key=_key(spec.name, "progress"),
+        description=f"{route}: images annotated" if route == "vision_api" else f"{route}: epochs done",
     )
 
     def on_progress(record: dict) -> None:
-        update_progress_artifact(progress_id, progress=100.0 * record["epoch"] / max(1, record["epochs"]))
+        done, total = (
+            (record["done"], record["total"]) if "done" in record else (record["epoch"], record["epochs"])
+        )
+        update_progress_artifact(progress_id, progress=100.0 * done / max(1, total))
 
     work_dir = tracking.state_dir() / "runs" / parent_run_id
-    context = BackendContext(spec, result.decision, result.dataset, parent_run_id, work_dir, on_progress)
+    context = BackendContext(
+        spec, result.decision, result.dataset, parent_run_id, work_dir, on_progress, prices_path
+    )
     outcome = create_backend(route).run(context)
     update_progress_artifact(progress_id, progress=100.0)
     return outcome.__dict__
+
+
+@task(name="fit-test", cache_policy=NO_CACHE)
+def fit_test_task(result: Plan, parent_run_id: str, prices_path: str | None) -> Plan:
+    """Before a label-map API route: measure the API on a labelled sample; below target_accuracy, escalate to
+    the route the rules give without the label_map, and record why on the parent run."""
+    from visionroute.vision.fit_test import fit_test
+
+    spec, decision = result.spec, result.decision
+    prices = load_prices(prices_path)
+    fit = fit_test(spec, result.dataset, decision.provider, prices, parent_run_id=parent_run_id)
+    logger = get_run_logger()
+    logger.info("fit test: %s accuracy %.3f on %d images", fit["provider"], fit["accuracy"], fit["images"])
+    create_table_artifact(
+        key=_key(spec.name, "fit-test"),
+        table=[{"class": name, **figures} for name, figures in fit["per_class"].items()],
+        description=f"{fit['provider']} through the label_map: accuracy {fit['accuracy']} on {fit['images']} "
+        f"images (target {spec.vision_api.target_accuracy}), {fit['unmapped']} unmapped",
+    )
+    client = tracking.configure()
+    tracking.log_json(client, parent_run_id, fit, "fit_test.json")
+    client.log_metric(parent_run_id, "fit_accuracy", fit["accuracy"])
+    if fit["accuracy"] >= spec.vision_api.target_accuracy:
+        return result
+    escalated = escalate(decision, fit, spec, result.summary, prices)
+    logger.warning("escalating: %s", escalated.reasons[0])
+    for key, value in {
+        "visionroute.route": escalated.route,
+        "visionroute.rule": escalated.rule,
+        "visionroute.escalated_from": decision.route,
+    }.items():
+        client.set_tag(parent_run_id, key, value)
+    tracking.log_json(client, parent_run_id, escalated.to_dict(), "decision.json")
+    tracking.log_text(client, parent_run_id, decision_markdown(spec.name, escalated), "decision.md")
+    create_markdown_artifact(
+        key=_key(spec.name, "decision"), markdown=decision_markdown(spec.name, escalated)
+    )
+    return replace(result, decision=escalated)
 
 
 @flow(name="route-image-task", log_prints=True)
@@ -163,7 +210,16 @@ def route_image_task(spec_path: str, prices_path: str | None = None) -> dict:
     parent_run_id = open_tracking(result, spec_path, prices_path)
     client = tracking.configure()
     try:
-        outcome = run_backend(result.decision.route, result, parent_run_id)
+        decision = result.decision
+        if (
+            decision.route == "vision_api"
+            and result.spec.classify_by_api
+            and result.spec.vision_api.target_accuracy
+        ):
+            if result.dataset is None:
+                raise DatasetError("a target_accuracy needs labelled images for the fit test: set data.path")
+            result = fit_test_task(result, parent_run_id, prices_path)
+        outcome = run_backend(result.decision.route, result, parent_run_id, prices_path)
     except BaseException as error:
         client.set_tag(parent_run_id, "visionroute.error", str(error)[:5000])
         client.set_terminated(parent_run_id, "FAILED")

@@ -88,3 +88,35 @@ def shared_dataset(name: str) -> Path:
             f"shared dataset {name} not found at {path} (only developer and CI machines have ../shared)"
         )
     return path
+
+
+SECRETS = {
+    "AWS_ACCESS_KEY_ID": "AKIAVISIONROUTETEST1",
+    "AWS_SECRET_ACCESS_KEY": "aws-secret-DO-NOT-LOG-0123456789abcdef",
+    "VISION_KEY": "azure-key-DO-NOT-LOG-fedcba9876543210",
+}
+
+
+@pytest.fixture
+def cloud_credentials(monkeypatch, tmp_path) -> dict:
+    """Fake credentials for the AWS and Azure SDKs (the local fakes accept them); the developer's own
+    credential files and instance metadata never leak in. Returns the secret values, to search logs for."""
+    for name in (
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_DEFAULT_PROFILE",
+        "AWS_ROLE_ARN",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "GOOGLE_APPLICATION_CREDENTIALS",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "no-gcloud"))
+    return dict(SECRETS)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from visionroute.data.dataset import DatasetError, ImageDataset, assign_splits, scan_dataset
+from visionroute.data.images import IMAGE_SUFFIXES
 from visionroute.data.validation import ValidationReport, remove_leakage, validate
 from visionroute.flows.costs import load_prices
 from visionroute.flows.decision import DataSummary, Decision, decide
@@ -25,9 +27,21 @@ def read_data(spec: TaskSpec) -> tuple[ImageDataset | None, DataSummary]:
     data = spec.data
     if data is None or data.path is None:
         return None, DataSummary(labeled_examples=(data.labeled_examples if data else None) or 0)
+    if spec.is_generic and _unlabelled(data.path):
+        # Images for a Vision API to annotate, not training data: the vision_api route reads them itself.
+        return None, DataSummary(labeled_examples=0)
     dataset = scan_dataset(data.path, spec.classes)
     # The folder is the truth; a different declared figure becomes a warning in `plan`.
     return dataset, DataSummary(labeled_examples=len(dataset.samples), per_class=dataset.per_class())
+
+
+def _unlabelled(path: Path) -> bool:
+    """An image file, or a folder of images with no class sub-folders."""
+    if path.is_file():
+        return path.suffix.lower() in IMAGE_SUFFIXES
+    return path.is_dir() and not any(
+        child.is_dir() and not child.name.startswith(".") for child in path.iterdir()
+    )
 
 
 def plan(

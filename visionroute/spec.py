@@ -77,6 +77,45 @@ class TrainingSpec(_Strict):
     seed: int = 0
 
 
+class VisionApiSpec(_Strict):
+    """How the vision_api route calls its provider. Credentials are never here: each SDK reads its own
+    (GOOGLE_APPLICATION_CREDENTIALS, the AWS chain, VISION_ENDPOINT + VISION_KEY for Azure)."""
+
+    provider: Literal["auto", "google", "aws", "azure", "local"] = "auto"
+    """auto: the cheapest at the monthly volume (or local when images may not leave the premises)."""
+    input: Path | None = None
+    """Images to annotate (a file or a folder, searched recursively); default: the images under data.path."""
+    output: Path | None = None
+    """Also write the JSON-lines results here (they are always an MLflow artifact)."""
+    endpoint: str | None = None
+    """Regional or private endpoint; `http://host:port` is plaintext (a private gateway or a local fake)."""
+    transport: Literal["grpc", "rest"] = "grpc"
+    """google only."""
+    region: str | None = None
+    """aws only; default: the AWS chain's region, else us-east-1."""
+    ocr_mode: Literal["text", "document"] = "text"
+    """google only: TEXT_DETECTION or DOCUMENT_TEXT_DETECTION (dense documents)."""
+    s3_bucket: str | None = None
+    """aws only: send images as S3 objects in this bucket instead of raw bytes."""
+    requests_per_minute: Annotated[float, Field(gt=0)] | None = None
+    """Request quota; default: the provider's default (google 1,800/min, aws and azure 600/min)."""
+    images_per_minute: Annotated[float, Field(gt=0)] | None = None
+    """Images x features quota (google counts 1,800 per feature per minute by default)."""
+    timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    retry_deadline_s: Annotated[float, Field(gt=0)] = 120.0
+    """An image still failing with a retryable error this long after its first send is recorded as failed."""
+    concurrency: Annotated[int, Field(ge=1, le=64)] | None = None
+    """Requests in flight; default: sized from quota x measured latency (Little's law)."""
+    cache: bool = True
+    """Serve answers already paid for (same provider, feature, image bytes and API version) from the cache."""
+    label_map: dict[str, list[Annotated[str, Field(min_length=1)]]] | None = None
+    """classify only: each class -> the provider labels that mean it (case-insensitive)."""
+    target_accuracy: Annotated[float, Field(gt=0, le=1)] | None = None
+    """classify with label_map: the fit test must reach this accuracy, else the flow escalates to finetune."""
+    fit_sample: Annotated[int, Field(ge=2, le=100_000)] = 100
+    """Labelled images (stratified) the fit test sends."""
+
+
 class TaskSpec(_Strict):
     name: Annotated[str, Field(pattern=r"^[a-z0-9-]+$", min_length=1, max_length=64)]
     """Names the MLflow experiment and the registered model."""
@@ -88,6 +127,7 @@ class TaskSpec(_Strict):
     constraints: Constraints = Constraints()
     route: Literal["auto", "vision_api", "finetune", "scratch"] = "auto"
     training: TrainingSpec = TrainingSpec()
+    vision_api: VisionApiSpec = VisionApiSpec()
 
     @model_validator(mode="after")
     def _check_classes(self) -> TaskSpec:
@@ -100,7 +140,28 @@ class TaskSpec(_Strict):
                 raise ValueError("'classes' has duplicates; list each class once")
             if len(self.classes) < 2:
                 raise ValueError("'classes' needs at least two classes to classify between")
+        label_map = self.vision_api.label_map
+        if label_map is not None:
+            if self.task != Task.classify:
+                raise ValueError(
+                    f"'vision_api.label_map' applies to task classify only, not {self.task.value}"
+                )
+            if self.classes is not None and sorted(label_map) != sorted(self.classes):
+                raise ValueError(
+                    f"'vision_api.label_map' must map exactly the classes {self.classes}; it maps {sorted(label_map)}"
+                )
+            if any(not labels for labels in label_map.values()):
+                raise ValueError("'vision_api.label_map': give each class at least one provider label")
+        elif self.vision_api.target_accuracy is not None:
+            raise ValueError(
+                "'vision_api.target_accuracy' needs 'vision_api.label_map' (classify through an API)"
+            )
         return self
+
+    @property
+    def classify_by_api(self) -> bool:
+        """A classify task whose classes a generic API's labels may serve (label_map given)."""
+        return self.task == Task.classify and self.vision_api.label_map is not None
 
     @property
     def is_generic(self) -> bool:
@@ -144,6 +205,11 @@ def parse_spec(raw: object, source: str = "spec", base_dir: Path | None = None) 
     update: dict[str, object] = {}
     if spec.data and spec.data.path and not spec.data.path.is_absolute():
         update["data"] = spec.data.model_copy(update={"path": (base_dir / spec.data.path).resolve()})
+    for field_name in ("input", "output"):
+        value = getattr(spec.vision_api, field_name)
+        if value is not None and not value.is_absolute():
+            vision = update.get("vision_api", spec.vision_api)
+            update["vision_api"] = vision.model_copy(update={field_name: (base_dir / value).resolve()})
     checkpoint = spec.training.checkpoint
     if checkpoint and not str(checkpoint).startswith("models:") and not checkpoint.is_absolute():
         update["training"] = spec.training.model_copy(

@@ -268,6 +268,45 @@ def scan_dataset(path: Path, classes: list[str] | None = None) -> ImageDataset:
     return _scan_folders(path, classes)
 
 
+def scan_images(path: Path) -> ImageDataset:
+    """Unlabelled images to annotate: one image file, or every image under a folder (recursively). Headers
+    only; files that are not usable images go to `skipped` with the reason, as for labelled data."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(
+            f"{path} does not exist; point vision_api.input (or data.path) at images or a folder"
+        )
+    if path.is_file():
+        samples, skipped = [], []
+        try:
+            fmt, mode, size = read_header(path)
+            samples.append(Sample(str(path), -1, None, size, mode))
+        except ImageRejected as error:
+            skipped.append(Skipped(str(path), str(error)))
+    else:
+        samples, skipped = _scan_class_folder(path, -1, None)
+    if not samples:
+        raise DatasetError(
+            f"{path}: no usable images ({len(skipped)} file(s) skipped); add JPEG/PNG files or fix the path"
+        )
+    return ImageDataset(path, [], samples, skipped)
+
+
+def stratified_sample(dataset: ImageDataset, limit: int, seed: int) -> list[Sample]:
+    """Up to `limit` samples, the same share of each class."""
+    rng = random.Random(seed)
+    by_class: dict[int, list[Sample]] = {}
+    for sample in dataset.samples:
+        by_class.setdefault(sample.label, []).append(sample)
+    share = min(1.0, limit / max(1, len(dataset.samples)))
+    chosen = []
+    for label in sorted(by_class):
+        group = sorted(by_class[label], key=lambda s: s.ref)
+        rng.shuffle(group)
+        chosen += group[: max(2, round(len(group) * share))]
+    return chosen[:limit] if len(chosen) > limit else chosen
+
+
 def count_examples(path: Path, classes: list[str] | None = None) -> dict[str, int]:
     """Labelled images per class, counted by file type without decoding (fast, for `decide`)."""
     dataset = scan_dataset(path, classes)

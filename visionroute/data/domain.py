@@ -9,14 +9,13 @@ ICML 2021). LogME alone is only a relative score, so it is never thresholded raw
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-from visionroute.data.dataset import ImageDataset, Sample, decode_all
+from visionroute.data.dataset import ImageDataset, decode_all, stratified_sample
 
 FAR_BELOW_KNN_GAIN = 0.10
 """A kNN accuracy gain of pretrained over random features below this means ImageNet features barely help:
@@ -117,21 +116,6 @@ def knn_accuracy(features: np.ndarray, labels: np.ndarray, k: int = 5) -> float:
     votes = labels[neighbours]
     predicted = np.array([np.bincount(row, minlength=labels.max() + 1).argmax() for row in votes])
     return float((predicted == labels).mean())
-
-
-def stratified_sample(dataset: ImageDataset, limit: int, seed: int) -> list[Sample]:
-    """Up to `limit` samples, the same share of each class."""
-    rng = random.Random(seed)
-    by_class: dict[int, list[Sample]] = {}
-    for sample in dataset.samples:
-        by_class.setdefault(sample.label, []).append(sample)
-    share = min(1.0, limit / max(1, len(dataset.samples)))
-    chosen = []
-    for label in sorted(by_class):
-        group = sorted(by_class[label], key=lambda s: s.ref)
-        rng.shuffle(group)
-        chosen += group[: max(2, round(len(group) * share))]
-    return chosen[:limit] if len(chosen) > limit else chosen
 
 
 def measure_domain(

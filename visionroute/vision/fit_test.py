@@ -1,0 +1,132 @@
+"""API fit test: can a generic Vision API serve a classify task through a label_map? Send a stratified labelled
+sample, map each answer's labels to a class, and measure accuracy per class and the cost, tracked in MLflow.
+The route flow runs it before a label-map API route and escalates to training when it misses the target."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from visionroute.flows.costs import Prices, api_monthly_cost
+
+from visionroute import tracking
+from visionroute.data.dataset import ImageDataset, stratified_sample
+from visionroute.spec import Task, TaskSpec
+from visionroute.vision.service import annotate, map_to_class
+
+UNMAPPED = "(unmapped)"
+
+
+def fit_test(
+    spec: TaskSpec,
+    dataset: ImageDataset,
+    provider: str,
+    prices: Prices,
+    *,
+    sample: int | None = None,
+    parent_run_id: str | None = None,
+    progress_bar: bool = True,
+) -> dict:
+    """Accuracy of `provider` on a labelled sample through spec.vision_api.label_map; logged as an MLflow run
+    (nested under `parent_run_id` when given). Errors count as misses: the API did not classify the image."""
+    label_map = spec.vision_api.label_map
+    if not label_map:
+        raise ValueError(
+            "the fit test needs vision_api.label_map: map each class to the provider labels meaning it"
+        )
+    missing = sorted(set(dataset.classes) - set(label_map))
+    if missing:
+        raise ValueError(f"vision_api.label_map has no entry for class(es) {missing}; map every class")
+    chosen = stratified_sample(dataset, sample or spec.vision_api.fit_sample, spec.training.seed)
+    truth = {s.ref: dataset.classes[s.label] for s in chosen}
+    result = annotate(spec, provider, list(truth), prices, progress_bar=progress_bar)
+
+    per_class: dict[str, Counter] = {name: Counter() for name in dataset.classes}
+    confusion: Counter = Counter()
+    for row in result.rows:
+        actual = truth[row["path"]]
+        predicted = None if row["error"] else map_to_class(row["labels"], label_map)[0]
+        row["class"], row["true_class"] = predicted, actual
+        per_class[actual]["images"] += 1
+        per_class[actual]["correct"] += predicted == actual
+        per_class[actual]["errors"] += row["error"] is not None
+        confusion[(actual, predicted or UNMAPPED)] += 1
+    images = len(result.rows)
+    correct = sum(counts["correct"] for counts in per_class.values())
+    report = {
+        "provider": result.provider,
+        "feature": result.feature,
+        "images": images,
+        "accuracy": round(correct / images, 4) if images else 0.0,
+        "per_class": {
+            name: {
+                "images": counts["images"],
+                "accuracy": round(counts["correct"] / counts["images"], 4) if counts["images"] else None,
+                "errors": counts["errors"],
+            }
+            for name, counts in per_class.items()
+        },
+        "unmapped": sum(n for (_, predicted), n in confusion.items() if predicted == UNMAPPED),
+        "confusion": [{"actual": a, "predicted": p, "images": n} for (a, p), n in sorted(confusion.items())],
+        "target_accuracy": spec.vision_api.target_accuracy,
+        "estimated_cost_usd": result.estimated_cost_usd,
+        "monthly_cost_usd": _monthly(spec, prices, result.provider),
+        **{
+            key: value
+            for key, value in result.metrics().items()
+            if key in ("cache_hits", "billed_units", "errors")
+        },
+    }
+    report["run_id"] = _track(spec, report, result, parent_run_id)
+    return report
+
+
+def _monthly(spec: TaskSpec, prices: Prices, provider: str) -> float | None:
+    if provider == "local":
+        return 0.0
+    cost = api_monthly_cost(prices, provider, Task.tag, spec.constraints.monthly_volume)
+    return None if cost is None else round(cost, 2)
+
+
+def _track(spec: TaskSpec, report: dict, result, parent_run_id: str | None) -> str:
+    client = tracking.configure()
+    run_id = tracking.start_run(
+        client,
+        spec.name,
+        f"fit-test-{report['provider']}",
+        {"visionroute.kind": "fit-test", "visionroute.provider": report["provider"]},
+        parent_run_id,
+    )
+    tracking.log_params(
+        client,
+        run_id,
+        {
+            "provider": report["provider"],
+            "feature": report["feature"],
+            "sample": report["images"],
+            "label_map": spec.vision_api.label_map,
+            "target_accuracy": report["target_accuracy"],
+        },
+    )
+    tracking.log_metrics(
+        client,
+        run_id,
+        {
+            "fit_accuracy": report["accuracy"],
+            "unmapped": report["unmapped"],
+            "estimated_cost_usd": report["estimated_cost_usd"],
+            **{
+                f"fit_accuracy_{name}": v["accuracy"]
+                for name, v in report["per_class"].items()
+                if v["accuracy"] is not None
+            },
+            **{key: value for key, value in result.metrics().items() if not key.startswith("accuracy")},
+        },
+    )
+    tracking.log_json(client, run_id, report, "fit_test.json")
+    rows = sorted(result.rows, key=lambda r: r["path"])
+    tracking.log_text(
+        client, run_id, "".join(json.dumps(row) + "\n" for row in rows), "fit_test_results.jsonl"
+    )
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
