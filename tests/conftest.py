@@ -90,8 +90,10 @@ def shared_dataset(name: str) -> Path:
     return path
 
 
+# The access key id is an identifier, not a secret: SigV4 sends it in every request's Authorization header
+# (and botocore's DEBUG log prints that header). The secret key and the Azure key are never sent or logged.
+ACCESS_KEY_ID = "AKIAVISIONROUTETEST1"
 SECRETS = {
-    "AWS_ACCESS_KEY_ID": "AKIAVISIONROUTETEST1",
     "AWS_SECRET_ACCESS_KEY": "aws-secret-DO-NOT-LOG-0123456789abcdef",
     "VISION_KEY": "azure-key-DO-NOT-LOG-fedcba9876543210",
 }
@@ -114,6 +116,7 @@ def cloud_credentials(monkeypatch, tmp_path) -> dict:
         monkeypatch.delenv(name, raising=False)
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY_ID)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))

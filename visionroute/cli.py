@@ -69,6 +69,30 @@ def _predict(args) -> int:
     return 0 if len(rows) > bad else BAD_INPUT
 
 
+def _fit_test(args) -> int:
+    from visionroute.flows.costs import load_prices
+    from visionroute.planning import read_data
+    from visionroute.spec import load_spec
+    from visionroute.vision.fit_test import fit_test
+
+    spec = load_spec(args.spec)
+    dataset, _ = read_data(spec)
+    if dataset is None:
+        print("error: the fit test needs labelled images: set data.path in the spec", file=sys.stderr)
+        return BAD_INPUT
+    provider = args.provider or spec.vision_api.provider
+    if provider == "auto":
+        print("error: name the provider to test: --provider google|aws|azure|local", file=sys.stderr)
+        return BAD_INPUT
+    report = fit_test(spec, dataset, provider, load_prices(args.prices), sample=args.sample)
+    print(json.dumps({key: value for key, value in report.items() if key != "confusion"}, indent=2))
+    target = spec.vision_api.target_accuracy
+    if target is not None:
+        verdict = "meets" if report["accuracy"] >= target else "misses"
+        print(f"{provider}: accuracy {report['accuracy']:.3f} {verdict} target {target}", file=sys.stderr)
+    return 0
+
+
 def _backends(args) -> int:
     from visionroute.backends import list_backends
 
@@ -110,6 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=int, default=3)
     predict.set_defaults(handler=_predict)
 
+    fit = commands.add_parser(
+        "fit-test", help="measure a Vision API on a labelled sample through the spec's vision_api.label_map"
+    )
+    fit.add_argument("spec")
+    fit.add_argument("--provider", choices=["google", "aws", "azure", "local"], help="default: the spec's")
+    fit.add_argument("--sample", type=int, help="labelled images to send (default: vision_api.fit_sample)")
+    fit.add_argument("--prices")
+    fit.set_defaults(handler=_fit_test)
+
     backends = commands.add_parser("backends", help="list the registered route backends")
     backends.set_defaults(handler=_backends)
     return parser
@@ -121,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     from visionroute.flows.decision import CannotDecide
     from visionroute.spec import SpecError
     from visionroute.training.weights import WeightsError
+    from visionroute.vision.base import ApiError, ProviderConfigError
 
     args = build_parser().parse_args(argv)
     try:
@@ -128,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, DatasetError, CannotDecide, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return BAD_INPUT
-    except (BackendUnavailable, WeightsError) as error:
+    except (BackendUnavailable, WeightsError, ApiError, ProviderConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return FAILED
 

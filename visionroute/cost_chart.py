@@ -33,7 +33,7 @@ def plot_costs(decision: Decision, prices: Prices, path: Path, title: str) -> Pa
         bars.annotate(f"${value:,.0f}", (index, value), ha="center", va="bottom")
 
     if api["applicable"]:
-        task = Task(decision.inputs["task"])
+        task = Task(api["feature"])  # classify through a label_map is priced as tagging
         examples = decision.inputs["labeled_examples"]
         model = costs["finetune"]["model"]
         top = max(10 * (costs.get("break_even_monthly_volume") or costs["monthly_volume"] or 1000), 10_000)
