@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from visionroute.flows.costs import Prices, api_monthly_cost
-
 from visionroute import tracking
 from visionroute.data.dataset import ImageDataset, stratified_sample
+from visionroute.flows.costs import Prices, api_monthly_cost
 from visionroute.spec import Task, TaskSpec
 from visionroute.vision.service import annotate, map_to_class
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
-from visionroute.flows.costs import Prices
 
 from visionroute import tracking
 from visionroute.data.dataset import DatasetError, scan_images
+from visionroute.flows.costs import Prices
 from visionroute.spec import Task, TaskSpec
 from visionroute.vision import aws, azure, google, local  # noqa: F401  (registers the providers)
 from visionroute.vision.base import Provider, ProviderSettings, Quota, create_provider
