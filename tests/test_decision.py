@@ -6,7 +6,7 @@ import time
 
 import pytest
 from visionroute.flows.costs import load_prices
-from visionroute.flows.decision import CannotDecide, DataSummary, decide
+from visionroute.flows.decision import CannotDecide, DataSummary, decide, escalate
 from visionroute.flows.policy import DEFAULT_POLICY, Policy
 
 from visionroute.spec import parse_spec
@@ -41,6 +41,8 @@ def spec(
 def two_classes(total: int) -> DataSummary:
     return DataSummary(total, {"a": total - total // 2, "b": total // 2})
 
+
+LABEL_MAP = {"label_map": {"a": ["Cat"], "b": ["Dog"]}, "target_accuracy": 0.9}
 
 # (id, spec kwargs, examples, expected route, provider, rule)
 TABLE = [
@@ -120,6 +122,41 @@ TABLE = [
         "forced-vision_api",
     ),
     ("forced-same-as-auto", dict(route="finetune"), 500, "finetune", None, "specific-imagenet-like-finetune"),
+    # A classify task whose classes map onto generic labels: the API while it is allowed, cheaper and not
+    # overruled by a proven need; otherwise the rules above as if there were no map.
+    ("label-map-api", dict(vision_api=LABEL_MAP), 500, "vision_api", "google", "specific-label-map-api"),
+    (
+        "label-map-private",
+        dict(vision_api=LABEL_MAP, private=True),
+        500,
+        "finetune",
+        None,
+        "specific-imagenet-like-finetune",
+    ),
+    (
+        "label-map-costly",
+        dict(vision_api=LABEL_MAP, volume=5_000_000),
+        500,
+        "finetune",
+        None,
+        "specific-imagenet-like-finetune",
+    ),
+    (
+        "label-map-proven-need",
+        dict(vision_api=LABEL_MAP, proven=True),
+        ENOUGH,
+        "scratch",
+        None,
+        "proven-need-scratch",
+    ),
+    (
+        "label-map-no-data",
+        dict(vision_api=LABEL_MAP, volume=9000),
+        0,
+        "vision_api",
+        "aws",
+        "specific-label-map-api",
+    ),
 ]
 
 
@@ -225,3 +262,60 @@ def test_decision_module_imports_neither_prefect_nor_mlflow():
             for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])
         }
         assert not names & {"prefect", "mlflow", "torch"}, module
+
+
+def test_the_spec_may_name_the_provider():
+    named = decide(spec(task="ocr", volume=10_000, vision_api={"provider": "azure"}), DataSummary(0), PRICES)
+    assert (named.route, named.provider) == ("vision_api", "azure")
+    assert any("names 'azure' (the cheapest would be 'aws')" in reason for reason in named.reasons)
+    local = decide(spec(task="tag", vision_api={"provider": "local"}), DataSummary(0), PRICES)
+    assert local.provider == "local"
+
+
+def test_a_named_cloud_provider_cannot_override_privacy():
+    with pytest.raises(CannotDecide, match="external_api_allowed is false"):
+        decide(spec(task="tag", private=True, vision_api={"provider": "google"}), DataSummary(0), PRICES)
+
+
+def test_a_named_provider_must_offer_the_feature():
+    with pytest.raises(CannotDecide, match="'azure' does not offer 'detect_faces'"):
+        decide(spec(task="detect_faces", vision_api={"provider": "azure"}), DataSummary(0), PRICES)
+
+
+def test_label_map_classify_is_priced_as_tagging():
+    decision = decide(spec(vision_api=LABEL_MAP, volume=20_000), two_classes(500), PRICES)
+    api = decision.costs["vision_api"]
+    assert api["applicable"] and api["feature"] == "tag" and api["monthly_usd"] == 20.0
+    assert any("fit test" in reason for reason in decision.reasons)
+
+
+def test_escalation_records_the_fit_and_falls_back_to_the_rules():
+    label_spec = spec(vision_api=LABEL_MAP, domain="radar")
+    summary = two_classes(ENOUGH)
+    api = decide(label_spec, summary, PRICES)
+    fit = {"provider": "aws", "accuracy": 0.61, "images": 100, "run_id": "r1"}
+    escalated = escalate(api, fit, label_spec, summary, PRICES)
+    assert (escalated.route, escalated.rule, escalated.auto_rule) == (
+        "scratch",
+        "escalated-scratch",
+        "specific-far-large-scratch",
+    )
+    assert "accuracy 0.610 on a 100-image fit test, below target_accuracy 0.9" in escalated.reasons[0]
+    assert escalated.escalation == {
+        "from_route": "vision_api",
+        "from_rule": "specific-label-map-api",
+        "provider": "aws",
+        "fit_accuracy": 0.61,
+        "target_accuracy": 0.9,
+        "fit_images": 100,
+        "fit_run_id": "r1",
+    }
+
+
+def test_label_map_must_match_the_classes():
+    from visionroute.spec import SpecError
+
+    with pytest.raises(SpecError, match="must map exactly the classes"):
+        spec(classes=["a", "b"], vision_api={"label_map": {"a": ["Cat"]}})
+    with pytest.raises(SpecError, match="needs 'vision_api.label_map'"):
+        spec(vision_api={"target_accuracy": 0.9})

@@ -111,3 +111,87 @@ def test_deployment_file_deploys_with_its_schedule(server):
     assert weekly["schedules"][0]["schedule"]["cron"] == "0 6 * * 1"
     assert weekly["job_variables"]["env"]["VISIONROUTE_STATE"] == f"{REPO}/.state"
     assert "route-any-task" in deployments
+
+
+SHARED_QUOTA_WORKER = """
+import sys, time
+from pathlib import Path
+from visionroute.flows.costs import load_prices
+from visionroute.spec import load_spec
+from visionroute.vision.service import annotate, input_paths
+
+spec = load_spec(sys.argv[1])
+paths, _ = input_paths(spec)
+Path(sys.argv[2]).touch()  # imported and ready
+while not Path(sys.argv[3]).exists():
+    time.sleep(0.05)
+result = annotate(spec, "aws", paths, load_prices(), progress_bar=False)
+print(result.stats.answered, result.stats.throttled_responses)
+"""
+
+
+def test_two_processes_share_one_quota_through_prefect(server, tmp_path):
+    """Two processes calling one API at 300 requests/min each would send 10/s together; with a Prefect server
+    configured they share one global rate limit, so the API sees its quota and never throttles."""
+    from conftest import COLOURS, make_image
+    from fakes.aws_fake import RekognitionFake
+    from fakes.behaviour import FakeBehaviour
+
+    # The server allows 6/s: one second of slack over the declared 5/s for network jitter, half of what two
+    # unshared processes would send.
+    behaviour = FakeBehaviour(max_batch=1, requests_per_s=6, latency_s=0.02)
+    with RekognitionFake(behaviour) as fake:
+        workers, ready = [], []
+        for index in range(2):
+            folder = tmp_path / f"photos{index}"
+            for n in range(20):
+                make_image(folder / f"p{n}.jpg", list(COLOURS.values())[n % 3], seed=1000 * index + n)
+            spec = write_spec(
+                tmp_path / f"tagging{index}.yaml",
+                f"name: shared-quota\ntask: tag\ndata: {{path: {folder}}}\n"
+                f"vision_api: {{provider: aws, endpoint: '{fake.endpoint}', requests_per_minute: 300, cache: false}}\n",
+            )
+            ready.append(tmp_path / f"ready{index}")
+            env = {
+                **server,
+                "VISIONROUTE_STATE": str(tmp_path / "state"),
+                "AWS_ACCESS_KEY_ID": "AKIASHAREDQUOTA",
+                "AWS_SECRET_ACCESS_KEY": "not-a-real-secret",
+                "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_EC2_METADATA_DISABLED": "true",
+            }
+            workers.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-c",
+                        SHARED_QUOTA_WORKER,
+                        str(spec),
+                        str(ready[-1]),
+                        str(tmp_path / "go"),
+                    ],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        deadline = time.monotonic() + 120
+        while not all(path.exists() for path in ready):
+            assert all(w.poll() is None for w in workers), [w.communicate()[1][-2000:] for w in workers]
+            assert time.monotonic() < deadline, "workers did not start"
+            time.sleep(0.1)
+        (tmp_path / "go").touch()
+        outputs = [w.communicate(timeout=120) for w in workers]
+    for worker, (out, err) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, err[-3000:]
+        assert out.split() == ["20", "0"]  # every image answered, no 429
+    assert behaviour.throttled == 0
+    arrivals = sorted(behaviour.arrivals)
+    in_first_two_seconds = sum(1 for t in arrivals if t - arrivals[0] < 2.0)
+    assert in_first_two_seconds <= 3 + 2 * 5 + 1  # the burst, two seconds of decay, one in flight
+    limits = {
+        item["name"]: item for item in api(f"{server['PREFECT_API_URL']}/v2/concurrency_limits/filter", {})
+    }
+    shared = [item for name, item in limits.items() if name.startswith("visionroute-aws")]
+    assert shared and shared[0]["slot_decay_per_second"] == 5.0 and shared[0]["limit"] == 3

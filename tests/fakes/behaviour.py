@@ -84,6 +84,8 @@ class FakeBehaviour:
         self._scripted: list[tuple[str, float | None]] = []
         self._image_failures: dict[str, list] = {}
         self.requests = 0
+        self.arrivals: list[float] = []
+        """time.monotonic() of each request's arrival."""
         self.images_answered = 0
         self.throttled = 0
         self.failures_sent: dict[str, int] = {}
@@ -109,6 +111,7 @@ class FakeBehaviour:
         (and `hang_s` for a timeout) itself, outside any lock."""
         with self._lock:
             self.requests += 1
+            self.arrivals.append(time.monotonic())
             if headers is not None:
                 self.headers_seen.append(dict(headers))
             if self._scripted:

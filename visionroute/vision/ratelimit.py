@@ -19,6 +19,10 @@ from visionroute.vision.base import Quota
 log = logging.getLogger(__name__)
 
 
+BURST_S = 0.5
+"""Seconds of quota a limiter lets through at once (see RateLimiter)."""
+
+
 class _Bucket:
     """Tokens refill at `rate` per second up to `capacity`; the bucket starts full."""
 
@@ -52,7 +56,7 @@ class RateLimiter:
     A bucket is never smaller than the largest single request (`max_units`), or a full batch could never go.
     """
 
-    def __init__(self, quota: Quota, max_units: int = 1, burst_s: float = 0.5) -> None:
+    def __init__(self, quota: Quota, max_units: int = 1, burst_s: float = BURST_S) -> None:
         self.quota = quota
         self._buckets: list[tuple[_Bucket, str]] = []
         if quota.requests_per_s:
@@ -116,7 +120,7 @@ class PrefectRateLimit:
     (workers, schedules) calling one API stay within it together. Used only when a Prefect server is
     configured (PREFECT_API_URL); ephemeral mode has no shared server to count on."""
 
-    def __init__(self, key: str, quota: Quota, max_units: int = 1) -> None:
+    def __init__(self, key: str, quota: Quota, max_units: int = 1, burst_s: float = BURST_S) -> None:
         from prefect.client.orchestration import get_client
 
         safe = "".join(c if c.isalnum() else "-" for c in key.lower()).strip("-")
@@ -126,8 +130,12 @@ class PrefectRateLimit:
                 if not rate:
                     continue
                 name = f"visionroute-{safe}-{unit}"
-                limit = max(math.ceil(rate), max_units if unit == "units" else 1)
-                client.upsert_global_concurrency_limit_by_name(name, limit, slot_decay_per_second=rate)
+                # Slots are the burst, slot decay the rate: the same half-second burst as the local bucket.
+                limit = max(math.ceil(rate * burst_s), max_units if unit == "units" else 1)
+                try:
+                    client.upsert_global_concurrency_limit_by_name(name, limit, slot_decay_per_second=rate)
+                except Exception:  # another process created it between our read and our create
+                    client.read_global_concurrency_limit_by_name(name)
                 self.names[unit] = name
 
     def acquire(self, requests: int = 1, units: int = 1) -> None:
@@ -168,5 +176,5 @@ def limiter_for(key: str, quota: Quota | None, max_units: int, cross_process: bo
         try:
             shared = PrefectRateLimit(key, quota, max_units)
         except Exception as error:  # the server is down or too old: the local bucket still holds the quota
-            log.warning("Prefect global rate limit unavailable (%s); limiting this process only", error)
+            log.warning("Prefect global rate limit unavailable (%r); limiting this process only", error)
     return Limiter(shared_limiter(key, quota, max_units), shared)
