@@ -16,6 +16,7 @@ from visionroute.planning import plan
 
 TASKS = Path(__file__).with_name("tasks")
 TRAINED = TASKS / "ants-vs-bees.yaml"
+ON_PREMISES = TASKS / "clinic-photo-tagging.yaml"
 
 
 def main() -> int:
@@ -27,6 +28,10 @@ def main() -> int:
         print(f"{spec_path.name:28} -> {decision.route}{provider}{model}   [rule {decision.rule}]")
         for warning in decision.warnings:
             print(f"{'':31}warning: {warning}")
+
+    print(f"\n== Routing {ON_PREMISES.name}: Vision API route, provider local (no image leaves) ==")
+    tagged = route_image_task(str(ON_PREMISES))["result"]
+    print(tagged["summary"])
 
     print(f"\n== Routing {TRAINED.name} end to end (Prefect flow route-image-task) ==")
     outcome = route_image_task(str(TRAINED))
@@ -44,6 +49,7 @@ def main() -> int:
     )
     alias = "champion" if result["promoted"] else "challenger"
     print(f"registered model:   models:/{name}/{version}  (alias @{alias}); held-out accuracy {accuracy:.3f}")
+    print(f"on-premises tags:   {tagged['summary'].rsplit('results: ', 1)[-1]} (one JSON line per photo)")
     print(
         f"label new images:   .venv/bin/visionroute predict --model models:/{name}@champion "
         "examples/data/ants_bees/val/bees"

@@ -160,12 +160,25 @@ def register_provider(name: str) -> Callable[[Callable[..., Provider]], Callable
     return _PROVIDERS.register(name)
 
 
+BUILTIN_PROVIDERS = ("google", "aws", "azure", "local")
+
+
+def _register_builtin() -> None:
+    # Imported on first use: each pulls in its cloud SDK, which `visionroute decide` never needs.
+    import importlib
+
+    for name in BUILTIN_PROVIDERS:
+        importlib.import_module(f"visionroute.vision.{name}")
+
+
 def create_provider(name: str, settings: ProviderSettings | None = None) -> Provider:
     """Build a provider; raises ProviderConfigError naming what to set when a credential is missing."""
+    _register_builtin()
     return _PROVIDERS.create(name, settings=settings or ProviderSettings())
 
 
 def list_providers() -> list[str]:
+    _register_builtin()
     return _PROVIDERS.names()
 
 

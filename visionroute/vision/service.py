@@ -14,7 +14,7 @@ from visionroute import tracking
 from visionroute.data.dataset import DatasetError, scan_images
 from visionroute.flows.costs import Prices
 from visionroute.spec import Task, TaskSpec
-from visionroute.vision import aws, azure, google, local  # noqa: F401  (registers the providers)
+from visionroute.vision import local
 from visionroute.vision.base import Provider, ProviderSettings, Quota, create_provider
 from visionroute.vision.cache import ResultCache
 from visionroute.vision.ratelimit import limiter_for
