@@ -100,9 +100,13 @@ class VisionApiBackend:
         client.set_terminated(run_id, "FINISHED")
         summary = (
             f"{provider} {result.feature}: {metrics['answered']} of {metrics['images']} image(s) answered "
-            f"({metrics['cache_hits']} from cache, {metrics['errors']} error(s)), {metrics['billed_units']} billed "
-            f"unit(s), about ${metrics['estimated_cost_usd']:.2f}, {metrics['images_per_s']} images/s; results: "
-            f"{v.output or out}"
+            f"({metrics['cache_hits']} from cache, {metrics['errors']} error(s)), "
+            + (
+                "on premises, nothing billed"
+                if provider == "local"
+                else f"{metrics['billed_units']} billed unit(s), about ${metrics['estimated_cost_usd']:.2f}"
+            )
+            + f", {metrics['images_per_s']} images/s; results: {v.output or out}"
         )
         return BackendResult(route=self.name, run_id=run_id, metrics=metrics, summary=summary)
 

@@ -161,6 +161,11 @@ def run_backend(route: str, result: Plan, parent_run_id: str, prices_path: str |
     )
     outcome = create_backend(route).run(context)
     update_progress_artifact(progress_id, progress=100.0)
+    create_table_artifact(
+        key=_key(spec.name, "result"),
+        table=[{"metric": key, "value": value} for key, value in sorted(outcome.metrics.items())],
+        description=outcome.summary,
+    )
     return outcome.__dict__
 
 

@@ -13,10 +13,10 @@ import json
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from fakes.behaviour import FakeBehaviour, describe
+from fakes.http_fake import FakeHandler, FakeServer, HttpFake
 
 CONTENT_TYPE = "application/x-amz-json-1.1"
 
@@ -126,18 +126,13 @@ def detect_faces(facts: dict, body: dict) -> dict[str, Any]:
 _ANSWERS = {"DetectLabels": detect_labels, "DetectText": detect_text, "DetectFaces": detect_faces}
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True  # a hanging handler (timeout tests) must not block stop()
+class _Server(FakeServer):
     request_queue_size = 128  # the benchmark opens many connections at once
     fake: RekognitionFake
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as botocore's connection pool expects
+class _Handler(FakeHandler):
     server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
     def do_POST(self) -> None:
         try:
@@ -202,51 +197,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-class RekognitionFake:
+class RekognitionFake(HttpFake):
     """A Rekognition endpoint on 127.0.0.1 (an OS-chosen port) for boto3's `endpoint_url`.
 
     `behaviour` decides latency, quota and failures; `targets` lists each request's X-Amz-Target.
     Use as a context manager, or call start() and stop().
     """
 
+    handler_class = _Handler
+    server_class = _Server
+    thread_name = "rekognition-fake"
+
     def __init__(self, behaviour: FakeBehaviour | None = None) -> None:
+        super().__init__()
         self.behaviour = behaviour or FakeBehaviour(max_batch=1)
         self.targets: list[str] = []
         self._lock = threading.Lock()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def endpoint(self) -> str:
-        """http://127.0.0.1:PORT, once started."""
-        if self._server is None:
-            raise RuntimeError("RekognitionFake is not started")
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def start(self) -> RekognitionFake:
-        """Listen and serve on a background thread."""
-        if self._server is None:
-            self._server = _Server(("127.0.0.1", 0), _Handler)
-            self._server.fake = self
-            self._thread = threading.Thread(
-                target=self._server.serve_forever, args=(0.05,), name="rekognition-fake", daemon=True
-            )
-            self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving; requests still sleeping in handlers are abandoned (daemon threads)."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            if self._thread is not None:
-                self._thread.join(timeout=5)
-            self._server = None
-            self._thread = None
-
-    def __enter__(self) -> RekognitionFake:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()

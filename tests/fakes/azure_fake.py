@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 from fakes.behaviour import FakeBehaviour, describe
+from fakes.http_fake import FakeHandler, HttpFake
 
 ANALYZE_PATH = "/computervision/imageanalysis:analyze"
 API_VERSIONS = frozenset({"2023-10-01"})
@@ -42,131 +42,11 @@ _FAILURES: dict[str, tuple[int, str, str]] = {
 _IMAGE_CODES = frozenset({"InvalidImageFormat", "InvalidImageSize"})
 
 
-class AzureVisionFake:
-    """A ThreadingHTTPServer on 127.0.0.1 (an OS-chosen port) speaking Image Analysis 4.0.
-
-    `nested_errors=True` (the default) puts image error codes in `error.innererror.code` under
-    `InvalidRequest`, as the live service does; False sends them as `error.code` directly.
-    """
-
-    def __init__(
-        self,
-        behaviour: FakeBehaviour | None = None,
-        *,
-        key: str = "fake-azure-key",
-        nested_errors: bool = True,
-    ) -> None:
-        self.behaviour = behaviour or FakeBehaviour(max_batch=1)
-        self._key = key
-        self.nested_errors = nested_errors
-        self.http_requests = 0
-        """Every HTTP request that reached the server, authenticated or not (judge counts only the former)."""
-        self.paths: list[str] = []
-        self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    # ---- lifecycle --------------------------------------------------------------------------------------
+class _Handler(FakeHandler):
     @property
-    def key(self) -> str:
-        """The subscription key requests must carry."""
-        return self._key
-
-    @property
-    def endpoint(self) -> str:
-        """`http://127.0.0.1:PORT`, what VISION_ENDPOINT should be set to."""
-        if self._server is None:
-            raise RuntimeError("AzureVisionFake is not started")
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def start(self) -> AzureVisionFake:
-        """Listen and serve in a background thread."""
-        if self._server is not None:
-            return self
-        handler = type("AzureHandler", (_Handler,), {"fake": self})
-        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        server.daemon_threads = True  # a hanging request must not keep stop() or the test run waiting
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="azure-fake", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and close the socket."""
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = None
-        self._thread = None
-
-    def __enter__(self) -> AzureVisionFake:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    # ---- answers ----------------------------------------------------------------------------------------
-    def error_body(self, kind: str, retry_after: float | None = None) -> tuple[int, dict]:
-        """Azure's `{"error": {...}}` for one failure kind, and its status."""
-        status, code, message = _FAILURES[kind]
-        message = message.format(retry_after=_retry_after_value(retry_after))
-        if code in _IMAGE_CODES and self.nested_errors:
-            return status, {
-                "error": {
-                    "code": "InvalidRequest",
-                    "message": message,
-                    "innererror": {"code": code, "message": message},
-                }
-            }
-        return status, {"error": {"code": code, "message": message}}
-
-
-def analysis_result(data: bytes, features: list[str]) -> dict:
-    """Image Analysis 4.0's ImageAnalysisResult JSON for `describe(data)`, only the requested features."""
-    facts = describe(data)
-    body: dict = {
-        "modelVersion": MODEL_VERSION,
-        "metadata": {"width": facts["width"], "height": facts["height"]},
-    }
-    if "tags" in features:
-        body["tagsResult"] = {
-            "values": [{"name": name, "confidence": score} for name, score in facts["labels"]]
-        }
-    if "read" in features:
-        lines = []
-        for text, (x, y, w, h) in facts["text"]:
-            polygon = [
-                {"x": round(px), "y": round(py)}
-                for px, py in ((x, y), (x + w, y), (x + w, y + h), (x, y + h))
-            ]
-            words = [{"text": word, "boundingPolygon": polygon, "confidence": 0.99} for word in text.split()]
-            lines.append({"text": text, "boundingPolygon": polygon, "words": words})
-        body["readResult"] = {"blocks": [{"lines": lines}] if lines else []}
-    if "objects" in features:
-        body["objectsResult"] = {
-            "values": [
-                {
-                    "boundingBox": {"x": round(x), "y": round(y), "w": round(w), "h": round(h)},
-                    "tags": [{"name": name, "confidence": score}],
-                }
-                for name, score, (x, y, w, h) in facts["objects"]
-            ]
-        }
-    return body
-
-
-class _Handler(BaseHTTPRequestHandler):
-    fake: AzureVisionFake
-    protocol_version = "HTTP/1.1"  # keep-alive, as the SDK's pooled requests session expects
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass  # quiet test output
+    def fake(self) -> AzureVisionFake:
+        """The AzureVisionFake this request reached."""
+        return self.server.fake
 
     def do_GET(self) -> None:
         self._drain()
@@ -263,6 +143,88 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(payload)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (its timeout was shorter than our hang)
+
+
+class AzureVisionFake(HttpFake):
+    """A ThreadingHTTPServer on 127.0.0.1 (an OS-chosen port) speaking Image Analysis 4.0; its `endpoint` is
+    what VISION_ENDPOINT should be set to.
+
+    `nested_errors=True` (the default) puts image error codes in `error.innererror.code` under
+    `InvalidRequest`, as the live service does; False sends them as `error.code` directly.
+    """
+
+    handler_class = _Handler
+    thread_name = "azure-fake"
+
+    def __init__(
+        self,
+        behaviour: FakeBehaviour | None = None,
+        *,
+        key: str = "fake-azure-key",
+        nested_errors: bool = True,
+    ) -> None:
+        super().__init__()
+        self.behaviour = behaviour or FakeBehaviour(max_batch=1)
+        self._key = key
+        self.nested_errors = nested_errors
+        self.http_requests = 0
+        """Every HTTP request that reached the server, authenticated or not (judge counts only the former)."""
+        self.paths: list[str] = []
+        self._lock = threading.Lock()
+
+    @property
+    def key(self) -> str:
+        """The subscription key requests must carry."""
+        return self._key
+
+    # ---- answers ----------------------------------------------------------------------------------------
+    def error_body(self, kind: str, retry_after: float | None = None) -> tuple[int, dict]:
+        """Azure's `{"error": {...}}` for one failure kind, and its status."""
+        status, code, message = _FAILURES[kind]
+        message = message.format(retry_after=_retry_after_value(retry_after))
+        if code in _IMAGE_CODES and self.nested_errors:
+            return status, {
+                "error": {
+                    "code": "InvalidRequest",
+                    "message": message,
+                    "innererror": {"code": code, "message": message},
+                }
+            }
+        return status, {"error": {"code": code, "message": message}}
+
+
+def analysis_result(data: bytes, features: list[str]) -> dict:
+    """Image Analysis 4.0's ImageAnalysisResult JSON for `describe(data)`, only the requested features."""
+    facts = describe(data)
+    body: dict = {
+        "modelVersion": MODEL_VERSION,
+        "metadata": {"width": facts["width"], "height": facts["height"]},
+    }
+    if "tags" in features:
+        body["tagsResult"] = {
+            "values": [{"name": name, "confidence": score} for name, score in facts["labels"]]
+        }
+    if "read" in features:
+        lines = []
+        for text, (x, y, w, h) in facts["text"]:
+            polygon = [
+                {"x": round(px), "y": round(py)}
+                for px, py in ((x, y), (x + w, y), (x + w, y + h), (x, y + h))
+            ]
+            words = [{"text": word, "boundingPolygon": polygon, "confidence": 0.99} for word in text.split()]
+            lines.append({"text": text, "boundingPolygon": polygon, "words": words})
+        body["readResult"] = {"blocks": [{"lines": lines}] if lines else []}
+    if "objects" in features:
+        body["objectsResult"] = {
+            "values": [
+                {
+                    "boundingBox": {"x": round(x), "y": round(y), "w": round(w), "h": round(h)},
+                    "tags": [{"name": name, "confidence": score}],
+                }
+                for name, score, (x, y, w, h) in facts["objects"]
+            ]
+        }
+    return body
 
 
 def _retry_after_value(retry_after: float | None) -> str:

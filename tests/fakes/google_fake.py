@@ -11,10 +11,8 @@ request asked for. Point a provider at `fake.endpoint` (`http://127.0.0.1:PORT`)
 from __future__ import annotations
 
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 from google.cloud import vision
@@ -23,6 +21,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from fakes.behaviour import FakeBehaviour, Verdict, describe
+from fakes.http_fake import FakeHandler, FakeServer, HttpFake, LocalFake
 
 SERVICE = "google.cloud.vision.v1.ImageAnnotator"
 GOOGLE_MAX_BATCH = 16
@@ -192,24 +191,17 @@ def _retry_info(seconds: float) -> any_pb2.Any:
 # ---- gRPC --------------------------------------------------------------------------------------------------
 
 
-class GoogleGrpcFake:
+class GoogleGrpcFake(LocalFake):
     """`google.cloud.vision.v1.ImageAnnotator/BatchAnnotateImages` over plaintext gRPC on 127.0.0.1.
 
     Attributes: `behaviour` (the FakeBehaviour), `port` (set by start), `endpoint` ("http://127.0.0.1:PORT").
     """
 
     def __init__(self, behaviour: FakeBehaviour, *, max_workers: int = 64) -> None:
+        super().__init__()
         self.behaviour = behaviour
         self.max_workers = max_workers
-        self.port: int | None = None
         self._server: grpc.Server | None = None
-
-    @property
-    def endpoint(self) -> str:
-        """Where a provider's `settings.endpoint` should point."""
-        if self.port is None:
-            raise RuntimeError("the fake is not started")
-        return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> GoogleGrpcFake:
         """Bind an OS-chosen port and serve in background threads."""
@@ -237,12 +229,6 @@ class GoogleGrpcFake:
         if self._server is not None:
             self._server.stop(grace=None)
             self._server = None
-
-    def __enter__(self) -> GoogleGrpcFake:
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
 
     def _batch_annotate_images(
         self, request: vision.BatchAnnotateImagesRequest, context: grpc.ServicerContext
@@ -272,73 +258,10 @@ class GoogleGrpcFake:
 # ---- REST --------------------------------------------------------------------------------------------------
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 256  # the default 5 drops connections under a burst of concurrent requests
-
-    def handle_error(self, request, client_address) -> None:
-        # A client that gave up (timeout) leaves a broken pipe behind: expected, not worth a traceback.
-        pass
-
-
-class GoogleRestFake:
-    """`POST /v1/images:annotate` (protobuf JSON) over plaintext HTTP/1.1 on 127.0.0.1.
-
-    Attributes: `behaviour` (the FakeBehaviour), `port` (set by start), `endpoint` ("http://127.0.0.1:PORT",
-    with its scheme: the REST transport prepends https:// to an endpoint without one).
-    """
-
-    def __init__(self, behaviour: FakeBehaviour) -> None:
-        self.behaviour = behaviour
-        self.port: int | None = None
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-
+class _Handler(FakeHandler):
     @property
-    def endpoint(self) -> str:
-        """Where a provider's `settings.endpoint` should point."""
-        if self.port is None:
-            raise RuntimeError("the fake is not started")
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> GoogleRestFake:
-        """Bind an OS-chosen port and serve in a background thread (one thread per connection)."""
-        fake = self
-
-        class Handler(_Handler):
-            behaviour = fake.behaviour
-
-        self._server = _Server(("127.0.0.1", 0), Handler)
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="google-rest-fake",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving; connection threads still sleeping are daemons and end on their own."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> GoogleRestFake:
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as Google's front end; every answer carries Content-Length
-    behaviour: FakeBehaviour
-
-    def log_message(self, format: str, *args) -> None:
-        pass
+    def behaviour(self) -> FakeBehaviour:
+        return self.server.fake.behaviour
 
     def do_GET(self) -> None:
         self._error(404, "NOT_FOUND", "Not found.")
@@ -389,3 +312,27 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(payload)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout)
             self.close_connection = True
+
+
+class _Server(FakeServer):
+    request_queue_size = 256  # the default 5 drops connections under a burst of concurrent requests
+
+    def handle_error(self, request, client_address) -> None:
+        # A client that gave up (timeout) leaves a broken pipe behind: expected, not worth a traceback.
+        pass
+
+
+class GoogleRestFake(HttpFake):
+    """`POST /v1/images:annotate` (protobuf JSON) over plaintext HTTP/1.1 on 127.0.0.1.
+
+    Attributes: `behaviour` (the FakeBehaviour), `port` (set by start), `endpoint` ("http://127.0.0.1:PORT",
+    with its scheme: the REST transport prepends https:// to an endpoint without one).
+    """
+
+    handler_class = _Handler
+    server_class = _Server
+    thread_name = "google-rest-fake"
+
+    def __init__(self, behaviour: FakeBehaviour) -> None:
+        super().__init__()
+        self.behaviour = behaviour

@@ -142,6 +142,7 @@ class Provider(Protocol):
     formats: frozenset[str] | None
     """Encoded formats the API takes (PIL names), None for any; others are re-encoded to PNG or JPEG."""
     default_quota: Quota
+    # Optional attribute `billed: bool` (default True): False for a provider whose answers cost nothing.
 
     def features(self) -> frozenset[str]:
         """Which of FEATURES this provider serves."""

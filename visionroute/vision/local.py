@@ -51,6 +51,7 @@ class LocalProvider:
     max_image_bytes = None
     formats = None
     default_quota = Quota()  # bound by this machine's CPU, not by a quota
+    billed = False  # answers cost nothing per image: `billed_units` stays 0
 
     def __init__(self, settings: ProviderSettings) -> None:
         self.settings = settings

@@ -139,6 +139,7 @@ class _Run:
         self.lock = threading.Lock()
         self.done = 0
         self.rng = random.Random(seed)
+        self.billed = int(getattr(provider, "billed", True))  # the on-premises provider bills nothing
 
     def emit(self, row: dict, cached: bool = False) -> None:
         row.setdefault("provider", self.provider.name)
@@ -163,7 +164,7 @@ class _Run:
                 self.provider.name, self.cache_feature, self.provider.api_version, image.sha256, annotation
             )
         with self.lock:
-            self.stats.billed_units += 1
+            self.stats.billed_units += self.billed
         self.emit(
             {
                 "path": image.path,
