@@ -9,6 +9,7 @@ from visionroute.backends import Backend, BackendContext, BackendUnavailable, cr
 from visionroute.backends.base import register_backend
 from visionroute.flows.decision import decide
 
+from visionroute.data.dataset import DatasetError
 from visionroute.spec import parse_spec
 
 
@@ -33,10 +34,10 @@ def test_registering_a_name_twice_is_refused():
         register_backend("finetune")(lambda: None)
 
 
-def test_vision_api_refuses_clearly_until_its_providers_land(tmp_path):
+def test_vision_api_without_images_says_what_to_set(tmp_path):
     spec = parse_spec({"name": "t", "task": "tag", "constraints": {"external_api_allowed": False}})
     context = BackendContext(spec, decide(spec), None, None, Path(tmp_path))
-    with pytest.raises(BackendUnavailable, match=r"provider 'local'.*issue \(#3\)"):
+    with pytest.raises(DatasetError, match="set vision_api.input"):
         create_backend("vision_api").run(context)
 
 

@@ -10,11 +10,11 @@ import pytest
 from conftest import make_dataset, make_image, write_spec
 from mlflow.tracking import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
-from visionroute.backends import BackendUnavailable
 from visionroute.flows.route import route_image_task
 
 from visionroute import tracking
 from visionroute.cli import main
+from visionroute.data.dataset import DatasetError
 from visionroute.training.engine import build_model
 from visionroute.training.weights import load_pretrained, resolve_pretrained
 
@@ -122,7 +122,9 @@ def test_route_trains_tracks_registers_and_promotes(task_spec, tmp_path):
         "finetune",
         "scratch",
     }
-    assert prefect_artifact("colours-training-progress")[0].data == 100.0
+    assert prefect_artifact("colours-progress")[0].data == 100.0
+    metrics_table = json.loads(prefect_artifact("colours-result")[0].data)
+    assert {"test_accuracy", "test_macro_f1"} <= {row["metric"] for row in metrics_table}
 
     # A second, identical run must beat the champion on the same test split to take the alias: it cannot.
     again = route_image_task(str(task_spec))["result"]
@@ -157,16 +159,17 @@ def test_route_trains_tracks_registers_and_promotes(task_spec, tmp_path):
 
 
 def test_a_route_that_cannot_run_fails_clearly_and_leaves_a_failed_parent_run(tmp_path, capsys):
+    # Decided (local tagging), but the spec names no images to tag.
     spec = write_spec(
         tmp_path / "tags.yaml", "name: private-tags\ntask: tag\nconstraints: {external_api_allowed: false}\n"
     )
-    with pytest.raises(BackendUnavailable, match="provider 'local'"):
+    with pytest.raises(DatasetError, match="set vision_api.input"):
         route_image_task(str(spec))
     client = MlflowClient(tracking.tracking_uri())
     runs = client.search_runs([client.get_experiment_by_name("private-tags").experiment_id])
     assert [run.info.status for run in runs] == ["FAILED"]
-    assert "issue (#3)" in runs[0].data.tags["visionroute.error"]
+    assert "needs images" in runs[0].data.tags["visionroute.error"]
     assert "decision.json" in artifacts(client, runs[0].info.run_id)
 
-    assert main(["run", str(spec)]) == 1
-    assert "cannot run yet" in capsys.readouterr().err
+    assert main(["run", str(spec)]) == 2
+    assert "set vision_api.input" in capsys.readouterr().err
