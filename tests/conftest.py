@@ -57,6 +57,19 @@ def make_image(path: Path, colour: tuple[int, int, int], seed: int, size=(96, 72
     return path
 
 
+def image_input(path: Path):
+    """An ImageInput as the Vision API runner builds it: the file's bytes, their sha256, PIL's size and format."""
+    import hashlib
+
+    from visionroute.vision.base import ImageInput
+
+    data = path.read_bytes()
+    with Image.open(path) as image:
+        width, height = image.size
+        fmt = image.format
+    return ImageInput(str(path), hashlib.sha256(data).hexdigest(), data, width, height, fmt)
+
+
 def make_dataset(
     root: Path, per_class: int = 10, classes=("red", "blue"), splits: tuple[str, ...] = ()
 ) -> Path:

@@ -3,19 +3,16 @@ answers and failures, against moto's server for the S3 object option and moto's 
 
 from __future__ import annotations
 
-import hashlib
 import socket
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import boto3
 import pytest
-from conftest import COLOURS, make_image
+from conftest import COLOURS, image_input, make_image
 from fakes.aws_fake import RekognitionFake
 from fakes.behaviour import FakeBehaviour
-from PIL import Image
 
 from visionroute.vision.aws import RekognitionProvider, create_aws_provider
 from visionroute.vision.base import (
@@ -63,17 +60,9 @@ def aws_env(tmp_path, monkeypatch):
     monkeypatch.delenv("AWS_RETRY_MODE", raising=False)
 
 
-def load(path: Path) -> ImageInput:
-    data = path.read_bytes()
-    with Image.open(path) as image:
-        width, height = image.size
-        fmt = image.format
-    return ImageInput(str(path), hashlib.sha256(data).hexdigest(), data, width, height, fmt)
-
-
 @pytest.fixture
 def image(tmp_path) -> ImageInput:
-    return load(make_image(tmp_path / "red.jpg", COLOURS["red"], seed=1))
+    return image_input(make_image(tmp_path / "red.jpg", COLOURS["red"], seed=1))
 
 
 @pytest.fixture
@@ -112,7 +101,7 @@ def test_botocore_retries_are_off(provider):
 @pytest.mark.parametrize(("colour", "fmt"), [("red", "JPEG"), ("green", "PNG"), ("blue", "JPEG")])
 def test_tag_labels_best_first_scores_as_fractions(tmp_path, fake, provider, colour, fmt):
     path = make_image(tmp_path / f"{colour}.img", COLOURS[colour], seed=3, fmt=fmt)
-    [annotation] = provider.annotate([load(path)], "tag")
+    [annotation] = provider.annotate([image_input(path)], "tag")
     assert annotation.labels == [{"name": colour.capitalize(), "score": 0.9}, {"name": "Image", "score": 0.5}]
     assert fake.targets == ["RekognitionService.DetectLabels"]
 
@@ -242,7 +231,7 @@ def test_connection_refused_is_unavailable(image):
 
 
 def test_concurrent_calls_overlap(tmp_path):
-    images = [load(make_image(tmp_path / f"{i}.jpg", COLOURS["blue"], seed=10 + i)) for i in range(8)]
+    images = [image_input(make_image(tmp_path / f"{i}.jpg", COLOURS["blue"], seed=10 + i)) for i in range(8)]
     with RekognitionFake(FakeBehaviour(max_batch=1, latency_s=0.3)) as server:
         provider = create_aws_provider(ProviderSettings(endpoint=server.endpoint))
         results: list = [None] * len(images)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
-from pathlib import Path
 
 import pytest
-from conftest import COLOURS, make_image
+from conftest import COLOURS, image_input, make_image
 from fakes.azure_fake import AzureVisionFake
 from fakes.behaviour import FakeBehaviour
-from PIL import Image
 
 from visionroute.vision.azure import AzureVisionProvider, create_azure_provider
 from visionroute.vision.base import (
@@ -27,15 +24,6 @@ from visionroute.vision.base import (
 
 KEY = "s3cr3t-azure-key-0123456789abcdef"
 CENTRE = [0.25, 0.25, 0.5, 0.5]
-
-
-def image_input(path: Path) -> ImageInput:
-    """An ImageInput exactly as the runner builds it: the file's own bytes and facts."""
-    data = path.read_bytes()
-    with Image.open(path) as image:
-        width, height = image.size
-        fmt = image.format or "JPEG"
-    return ImageInput(str(path), hashlib.sha256(data).hexdigest(), data, width, height, fmt)
 
 
 @pytest.fixture

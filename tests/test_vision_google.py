@@ -7,17 +7,15 @@ import json
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import pytest
-from conftest import COLOURS, make_image
+from conftest import COLOURS, image_input, make_image
 from fakes.behaviour import FakeBehaviour
 from fakes.google_fake import GoogleGrpcFake, GoogleRestFake
 from google.api_core import exceptions as core_exceptions
 from google.cloud import vision
 from google.cloud.vision_v1.services.image_annotator.transports import ImageAnnotatorGrpcTransport
-from PIL import Image
 
 from visionroute.vision.base import (
     Annotation,
@@ -35,15 +33,6 @@ from visionroute.vision.google import GoogleVisionProvider, create_google_provid
 CENTRE = [0.25, 0.25, 0.5, 0.5]
 TRANSPORTS = ("grpc", "rest")
 FAKES = {"grpc": GoogleGrpcFake, "rest": GoogleRestFake}
-
-
-def image_input(path: Path) -> ImageInput:
-    """An ImageInput as the runner builds it: the file's bytes, their sha256, PIL's size and format."""
-    data = path.read_bytes()
-    with Image.open(path) as image:
-        width, height = image.size
-        fmt = image.format
-    return ImageInput(str(path), hashlib.sha256(data).hexdigest(), data, width, height, fmt)
 
 
 @pytest.fixture(scope="module")
