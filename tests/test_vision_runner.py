@@ -3,6 +3,8 @@ the rows it writes, driven through real providers and SDKs against the local fak
 
 from __future__ import annotations
 
+import hashlib
+import io
 import random
 import time
 
@@ -168,7 +170,10 @@ def test_formats_and_sizes_the_api_refuses_are_converted_before_sending(cloud_cr
         provider.max_image_bytes = 60_000  # the 5 MB limit, scaled down to this test's image
         shrunk = prepare(str(big), provider)
         assert isinstance(shrunk, ImageInput) and len(shrunk.data) <= 60_000 and shrunk.format == "JPEG"
-        assert shrunk.sha256 == converted.sha256 or shrunk.sha256 != converted.sha256  # the file's own digest
+        assert (
+            shrunk.sha256 == hashlib.sha256(big.read_bytes()).hexdigest()
+        )  # the file's own digest: cache key
+        assert (shrunk.width, shrunk.height) == Image.open(io.BytesIO(shrunk.data)).size < (900, 700)
         _, rows = run(provider, [str(bmp), str(big)])
     assert rows[str(bmp)]["labels"][0]["name"] == "Blue"
     assert rows[str(big)]["labels"][0]["name"] == "Green"
@@ -253,8 +258,6 @@ def test_label_map_takes_the_best_scoring_mapped_label():
 
 
 def _sha(data: bytes) -> str:
-    import hashlib
-
     return hashlib.sha256(data).hexdigest()
 
 

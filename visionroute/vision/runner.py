@@ -112,6 +112,9 @@ def prepare(path: str, provider: Provider) -> ImageInput | dict:
                 buffer = io.BytesIO()
                 image.save(buffer, "PNG")
                 data, fmt = buffer.getvalue(), "PNG"
+            # Pixel boxes come back in the sent image's frame (shrunk, EXIF-rotated): normalise by its size.
+            with Image.open(io.BytesIO(data)) as sent:
+                width, height = sent.size
     except ImageRejected as error:
         return _error_row(path, sha256, ErrorKind.UNREADABLE, str(error))
     return ImageInput(path, sha256, data, width, height, fmt)
