@@ -8,6 +8,7 @@ sent, billed units, cache hits, errors by kind, estimated cost, latency p50/p95,
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from visionroute.backends.base import BackendContext, BackendResult, BackendUnavailable, register_backend
@@ -63,14 +64,29 @@ class VisionApiBackend:
             if context.on_progress and (done % step == 0 or done == total):
                 context.on_progress({"done": done, "total": total})
 
-        try:
-            result = annotate(
-                spec, provider, paths, load_prices(context.prices_path), on_progress=on_progress
-            )
-        except (ProviderConfigError, ApiError) as error:
-            client.set_tag(run_id, "visionroute.error", str(error)[:5000])
-            client.set_terminated(run_id, "FAILED")
-            raise BackendUnavailable(str(error)) from None
+        # Rows are appended as they arrive, so an interrupted job keeps what it was answered (and the cache
+        # serves those answers to the re-run without billing them again).
+        context.work_dir.mkdir(parents=True, exist_ok=True)
+        partial = context.work_dir / "results.partial.jsonl"
+        with partial.open("w") as stream:
+
+            def sink(row: dict) -> None:
+                stream.write(json.dumps(row) + "\n")
+                stream.flush()
+
+            try:
+                result = annotate(
+                    spec,
+                    provider,
+                    paths,
+                    load_prices(context.prices_path),
+                    on_progress=on_progress,
+                    sink=sink,
+                )
+            except (ProviderConfigError, ApiError) as error:
+                client.set_tag(run_id, "visionroute.error", str(error)[:5000])
+                client.set_terminated(run_id, "FAILED")
+                raise BackendUnavailable(str(error)) from None
         metrics = result.metrics()
         if spec.classify_by_api:
             correct = labelled = 0
@@ -86,6 +102,7 @@ class VisionApiBackend:
         with_errors = [row for row in result.rows if row["error"]]
         tracking.log_json(client, run_id, with_errors, "errors.json")
         out = write_jsonl(result.rows, context.work_dir / "results.jsonl")
+        partial.unlink()
         client.log_artifact(run_id, str(out))
         if v.output is not None:
             write_jsonl(result.rows, v.output)
