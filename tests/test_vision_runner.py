@@ -7,6 +7,7 @@ import hashlib
 import io
 import random
 import time
+from pathlib import Path
 
 import pytest
 from conftest import COLOURS, make_image
@@ -30,6 +31,14 @@ def images(tmp_path):
     return [
         str(make_image(tmp_path / "img" / f"{i:02d}.jpg", list(COLOURS.values())[i % 3], seed=i))
         for i in range(20)
+    ]
+
+
+@pytest.fixture
+def forty(tmp_path):
+    colours = list(COLOURS.values())
+    return [
+        str(make_image(tmp_path / "many" / f"{i:02d}.jpg", colours[i % 3], seed=500 + i)) for i in range(40)
     ]
 
 
@@ -179,20 +188,20 @@ def test_formats_and_sizes_the_api_refuses_are_converted_before_sending(cloud_cr
     assert rows[str(big)]["labels"][0]["name"] == "Green"
 
 
-def test_the_bucket_keeps_a_strict_server_quota_free_of_429s(cloud_credentials, images):
+def test_the_bucket_keeps_a_strict_server_quota_free_of_429s(cloud_credentials, forty):
     # The server allows 20 requests/s; the client's bucket holds the same quota, so nothing is throttled.
     behaviour = FakeBehaviour(max_batch=1, requests_per_s=20, latency_s=0.01)
     with RekognitionFake(behaviour) as fake:
         limiter = Limiter(RateLimiter(Quota(requests_per_s=20)))
-        stats, rows = run(aws(fake), images * 2, limiter=limiter, concurrency=8)
+        stats, rows = run(aws(fake), forty, limiter=limiter, concurrency=8)
     assert behaviour.throttled == 0 and stats.throttled_responses == 0
     assert stats.answered == 40
 
 
-def test_without_the_bucket_the_same_load_is_throttled_and_still_nothing_is_lost(cloud_credentials, images):
+def test_without_the_bucket_the_same_load_is_throttled_and_still_nothing_is_lost(cloud_credentials, forty):
     behaviour = FakeBehaviour(max_batch=1, requests_per_s=20)
     with RekognitionFake(behaviour) as fake:
-        stats, rows = run(aws(fake), images * 2, concurrency=8)
+        stats, rows = run(aws(fake), forty, concurrency=8)
     assert behaviour.throttled > 0
     assert stats.answered == 40 and not stats.errors_by_kind
 
@@ -270,3 +279,18 @@ def test_images_are_read_as_the_file_is(tmp_path):
     item = prepare(str(path), AnyFormat)
     assert item.data == path.read_bytes() and item.format == "PNG"
     assert (item.width, item.height) == Image.open(path).size
+
+
+def test_identical_files_are_sent_and_billed_once(cloud_credentials, images, tmp_path):
+    copies = []
+    for index in range(3):
+        copy = tmp_path / "copies" / f"copy{index}.jpg"
+        copy.parent.mkdir(exist_ok=True)
+        copy.write_bytes(Path(images[0]).read_bytes())
+        copies.append(str(copy))
+    with RekognitionFake(FakeBehaviour(max_batch=1)) as fake:
+        stats, rows = run(aws(fake), [images[0], *images[1:4], *copies])
+        assert fake.behaviour.requests == 4
+    assert stats.billed_units == 4 and stats.answered == 7
+    for copy in copies:
+        assert rows[copy]["labels"] == rows[images[0]]["labels"] and rows[copy]["duplicate_of"] == images[0]

@@ -141,6 +141,9 @@ class _Run:
         self.stats = RunStats(provider.name, feature, images=total)
         self.lock = threading.Lock()
         self.done = 0
+        self.first_path: dict[str, str] = {}  # sha256 -> the path sent for those bytes
+        self.outcomes: dict[str, dict] = {}  # sha256 -> its settled answer or error
+        self.followers: dict[str, list[str]] = {}  # sha256 -> paths waiting on the answer
         self.rng = random.Random(seed)
         self.billed = int(getattr(provider, "billed", True))  # the on-premises provider bills nothing
 
@@ -168,18 +171,40 @@ class _Run:
             )
         with self.lock:
             self.stats.billed_units += self.billed
-        self.emit(
-            {
-                "path": image.path,
-                "sha256": image.sha256,
-                **annotation.to_dict(),
-                "latency_s": round(latency, 4),
-                "attempts": attempts,
-            }
-        )
+        self._settle(image, {**annotation.to_dict(), "latency_s": round(latency, 4), "attempts": attempts})
 
     def fail(self, image: ImageInput, kind: str, message: str, attempts: int) -> None:
-        self.emit({**_error_row(image.path, image.sha256, kind, message), "attempts": attempts})
+        self._settle(image, {**_error_row(image.path, image.sha256, kind, message), "attempts": attempts})
+
+    def _settle(self, image: ImageInput, outcome: dict) -> None:
+        """Emit the outcome for `image` and for every other file with the same bytes that waited on it."""
+        self.emit({**outcome, "path": image.path, "sha256": image.sha256})
+        with self.lock:
+            self.outcomes[image.sha256] = outcome
+            waiting = self.followers.pop(image.sha256, [])
+        for path in waiting:
+            self.emit({**outcome, "path": path, "sha256": image.sha256, "duplicate_of": image.path})
+
+    def claim(self, image: ImageInput) -> bool:
+        """True when `image` should be sent. Identical bytes under another path are sent once: the later
+        files get the first one's answer (or error) and are not billed again."""
+        with self.lock:
+            if image.sha256 not in self.first_path:
+                self.first_path[image.sha256] = image.path
+                return True
+            outcome = self.outcomes.get(image.sha256)
+            if outcome is None:
+                self.followers.setdefault(image.sha256, []).append(image.path)
+                return False
+        self.emit(
+            {
+                **outcome,
+                "path": image.path,
+                "sha256": image.sha256,
+                "duplicate_of": self.first_path[image.sha256],
+            }
+        )
+        return False
 
     def send(self, batch: list[ImageInput]) -> float | None:
         """Send one batch until every image has an answer or a final error; returns the first latency."""
@@ -327,7 +352,7 @@ def annotate_images(
                         {"path": image.path, "sha256": image.sha256, **hits[image.sha256].to_dict()},
                         cached=True,
                     )
-                else:
+                elif run.claim(image):
                     pending.append(image)
             for index in range(0, len(pending), provider.max_batch):
                 dispatch(pending[index : index + provider.max_batch])
