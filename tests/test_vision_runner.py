@@ -235,15 +235,33 @@ def test_backoff_has_full_jitter_a_cap_and_honours_retry_after():
 
 
 def test_concurrency_follows_littles_law():
-    class P:
-        max_batch = 16
-
     google_quota = Quota(requests_per_s=30, units_per_s=30)
     # 30 images/s in batches of 16 is 1.9 requests/s; at 0.5 s latency one or two in flight do it.
-    assert concurrency_for(P, google_quota, 0.5, 16) == 3
-    assert concurrency_for(P, Quota(requests_per_s=10), 2.0, 1) == 31
-    assert concurrency_for(P, Quota(requests_per_s=1000), 10.0, 1) == 64
-    assert concurrency_for(P, None, 0.5, 16) == 1
+    assert concurrency_for(google_quota, 0.5, 16) == 3
+    assert concurrency_for(Quota(requests_per_s=10), 2.0, 1) == 31
+    assert concurrency_for(Quota(requests_per_s=1000), 10.0, 1) == 64
+    assert concurrency_for(None, 0.5, 16) == 1
+
+
+def test_an_unexpected_sdk_failure_is_recorded_and_the_job_goes_on(cloud_credentials, images):
+    class Flaky:
+        """The AWS provider, except that one image makes the SDK raise something the provider never maps."""
+
+        def __init__(self, inner, bad):
+            self.inner, self.bad = inner, bad
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def annotate(self, batch, feature):
+            if batch[0].path == self.bad:
+                raise KeyError("Labels")  # e.g. a response missing a field
+            return self.inner.annotate(batch, feature)
+
+    with RekognitionFake(FakeBehaviour(max_batch=1)) as fake:
+        stats, rows = run(Flaky(aws(fake), images[2]), images[:6], concurrency=2)
+    assert rows[images[2]]["error"] == {"kind": ErrorKind.CLIENT, "message": "KeyError: 'Labels'"}
+    assert stats.answered == 5 and stats.retries == 0
 
 
 def test_limiters_for_one_endpoint_are_shared_within_the_process():

@@ -33,6 +33,7 @@ class ErrorKind:
     FORBIDDEN = "forbidden"  # 403, PERMISSION_DENIED: never retried
     UNSUPPORTED_FEATURE = "unsupported_feature"  # the provider does not offer this task: never retried
     UNREADABLE = "unreadable"  # our side: the file could not be read or decoded: never sent
+    CLIENT = "client_error"  # our side: the SDK failed in a way the provider does not map: never retried
 
     RETRYABLE = frozenset({THROTTLED, UNAVAILABLE, TIMEOUT, SERVER})
 

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from visionroute.data.images import ImageRejected, load_rgb, read_header
-from visionroute.vision.base import Annotation, ApiError, ErrorKind, ImageError, ImageInput, Provider
+from visionroute.vision.base import Annotation, ApiError, ErrorKind, ImageError, ImageInput, Provider, Quota
 from visionroute.vision.cache import ResultCache
 from visionroute.vision.ratelimit import Limiter
 from visionroute.vision.retry import RetryPolicy
@@ -219,6 +219,11 @@ class _Run:
                 failure = None
             except ApiError as error:
                 outcome, failure = None, error
+            except (
+                Exception
+            ) as error:  # an SDK failure the provider did not map: record it, keep the job going
+                outcome = None
+                failure = ApiError(ErrorKind.CLIENT, f"{type(error).__name__}: {str(error)[:300]}")
             latency = time.monotonic() - started
             first_latency = latency if first_latency is None else first_latency
             with self.lock:
@@ -260,7 +265,7 @@ class _Run:
         return first_latency
 
 
-def concurrency_for(provider: Provider, limiter_quota, latency_s: float, batch: int) -> int:
+def concurrency_for(limiter_quota: Quota | None, latency_s: float, batch: int) -> int:
     """Little's law: requests in flight = request rate x latency. The rate is the tighter of the request
     quota and the unit quota divided by the batch size; 50% headroom absorbs latency jitter."""
     rates = []
@@ -313,22 +318,30 @@ def annotate_images(
     work: queue.Queue = queue.Queue(maxsize=4 * MAX_WORKERS)
     workers: list[threading.Thread] = []
 
+    crashed: list[BaseException] = []
+
     def worker() -> None:
+        # A failure outside the API call (the sink's disk, the cache) stops the job; the worker keeps
+        # draining the queue so the producer never blocks on a dead pool, and the error is raised below.
         while (batch := work.get()) is not None:
-            run.send(batch)
+            if not crashed:
+                try:
+                    run.send(batch)
+                except Exception as error:
+                    crashed.append(error)
 
     def dispatch(batch: list[ImageInput]) -> None:
         if not workers:  # the first request measures the latency that sizes the pool
             latency = run.send(batch) or 0.0
-            count = concurrency or concurrency_for(
-                provider, limiter.local and limiter.local.quota, latency, len(batch)
-            )
+            count = concurrency or concurrency_for(limiter.local and limiter.local.quota, latency, len(batch))
             run.stats.concurrency = count
             for _ in range(count):
                 thread = threading.Thread(target=worker, daemon=True)
                 thread.start()
                 workers.append(thread)
             return
+        if crashed:
+            raise crashed[0]
         work.put(batch)
 
     try:
@@ -361,5 +374,7 @@ def annotate_images(
             work.put(None)
         for thread in workers:
             thread.join()
+    if crashed:
+        raise crashed[0]
     run.stats.wall_s = time.monotonic() - started
     return run.stats
