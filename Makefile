@@ -13,15 +13,20 @@ export DO_NOT_TRACK ?= 1
 
 install: $(STAMP)
 
-# Tesseract serves OCR on premises (the vision_api route's `local` provider): Debian's tesseract-ocr.
+# Debian packages: tesseract-ocr serves OCR on premises (the vision_api route's `local` provider); chromium is
+# the real browser the tests read the Prefect UI with.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_PACKAGES := tesseract-ocr:tesseract chromium:chromium
 
 # torch 2.14.1 / torchvision 0.29.1 come from this machine's local package files (pip config), no download.
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11+) on PATH"; exit 1; }
-	@command -v tesseract >/dev/null || { $(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq tesseract-ocr >/dev/null; } || \
-		{ echo "could not install tesseract-ocr (apt-get); install it by hand for on-premises OCR"; exit 1; }
+	@missing=""; for entry in $(APT_PACKAGES); do command -v $${entry#*:} >/dev/null || missing="$$missing $${entry%%:*}"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		{ $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; } || \
+		{ echo "could not install$$missing with apt-get; install them by hand"; exit 1; }; \
+	fi
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'

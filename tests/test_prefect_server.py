@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -43,9 +46,10 @@ def server(tmp_path_factory):
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",  # where the UI in the browser finds the API
     }
     process = subprocess.Popen(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
@@ -195,3 +199,61 @@ def test_two_processes_share_one_quota_through_prefect(server, tmp_path):
     }
     shared = [item for name, item in limits.items() if name.startswith("visionroute-aws")]
     assert shared and shared[0]["slot_decay_per_second"] == 5.0 and shared[0]["limit"] == 3
+
+
+def page_text(url: str, profile: Path) -> str:
+    """What a person sees at `url`: headless Chromium runs the Prefect UI's JavaScript, then its DOM as text."""
+    chromium = shutil.which("chromium")
+    assert chromium, "Chromium is missing: `make install` installs Debian's chromium for this test"
+    done = subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=15000",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return " ".join(re.sub(r"<[^>]+>", " ", html.unescape(done.stdout)).split())
+
+
+def test_the_prefect_ui_shows_the_vision_route_in_a_browser(server, tmp_path):
+    """The README's UI claims, read the way a person reads them: the decision as markdown, the per-route
+    costs, the result table and a finished progress bar, each on its artifact page in the Prefect UI."""
+    from conftest import COLOURS, make_image
+
+    for index in range(4):
+        make_image(tmp_path / "photos" / f"p{index}.jpg", list(COLOURS.values())[index % 3], seed=index)
+    spec = write_spec(
+        tmp_path / "ui.yaml",
+        "name: ui-tagging\ntask: tag\nconstraints: {external_api_allowed: false}\nvision_api: {input: ./photos}\n",
+    )
+    env = {**server, "VISIONROUTE_STATE": str(tmp_path / "state")}
+    done = subprocess.run(
+        [str(BIN / "visionroute"), "run", str(spec)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    base = server["PREFECT_API_URL"].removesuffix("/api")
+    artifacts = {a["key"]: a["id"] for a in api(f"{server['PREFECT_API_URL']}/artifacts/filter", {})}
+
+    decision = page_text(f"{base}/artifacts/artifact/{artifacts['ui-tagging-decision']}", tmp_path / "c1")
+    assert "ui-tagging: route vision_api (provider local )" in decision  # code spans keep their gap
+    assert "generic-private-local" in decision and "images must not leave the premises" in decision
+    costs = page_text(f"{base}/artifacts/artifact/{artifacts['ui-tagging-route-costs']}", tmp_path / "c2")
+    assert all(route in costs for route in ("vision_api", "finetune", "scratch"))
+    result = page_text(f"{base}/artifacts/artifact/{artifacts['ui-tagging-result']}", tmp_path / "c3")
+    assert "4 of 4 image(s) answered" in result and "billed_units" in result and "latency_p95_s" in result
+    progress = page_text(f"{base}/artifacts/artifact/{artifacts['ui-tagging-progress']}", tmp_path / "c4")
+    assert "Progress: 100%" in progress
