@@ -312,3 +312,37 @@ def test_identical_files_are_sent_and_billed_once(cloud_credentials, images, tmp
     assert stats.billed_units == 4 and stats.answered == 7
     for copy in copies:
         assert rows[copy]["labels"] == rows[images[0]]["labels"] and rows[copy]["duplicate_of"] == images[0]
+
+
+def test_a_refused_credential_stops_sending_the_rest(cloud_credentials, images):
+    behaviour = FakeBehaviour(max_batch=1)
+    with RekognitionFake(behaviour) as fake:
+        behaviour.fail_next(1, "unauthorized")
+        stats, rows = run(aws(fake), images[:6], concurrency=2)
+        assert behaviour.requests == 1  # one 401 is enough: the other five are not sent to fail too
+    assert stats.errors_by_kind == {ErrorKind.UNAUTHORIZED: 6}
+    assert sum("not sent" in row["error"]["message"] for row in rows.values()) == 5
+
+
+def test_a_retry_after_past_the_deadline_fails_the_image_without_stalling_the_others(
+    cloud_credentials, images
+):
+    behaviour = FakeBehaviour(max_batch=1)
+    limiter = Limiter(RateLimiter(Quota(requests_per_s=100)))
+    with RekognitionFake(behaviour) as fake:
+        behaviour.fail_next(1, "throttled", retry_after=30)
+        policy = RetryPolicy(base_s=0.01, cap_s=0.05, deadline_s=1.0)
+        stats, rows = run(aws(fake), images[:3], limiter=limiter, policy=policy, concurrency=1)
+    assert stats.errors_by_kind == {ErrorKind.THROTTLED: 1} and stats.answered == 2
+    assert limiter.local._paused_until < time.monotonic()  # nobody was told to wait 30 s
+
+
+def test_a_failing_prefect_rate_limit_falls_back_to_this_process(caplog):
+    class ServerGone:
+        def acquire(self, requests, units):
+            raise ConnectionError("prefect server unreachable")
+
+    limiter = Limiter(RateLimiter(Quota(requests_per_s=1000)), ServerGone())
+    limiter.acquire()
+    limiter.acquire()
+    assert limiter.shared is None and "limiting this process only" in caplog.text

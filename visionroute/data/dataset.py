@@ -299,12 +299,17 @@ def stratified_sample(dataset: ImageDataset, limit: int, seed: int) -> list[Samp
     for sample in dataset.samples:
         by_class.setdefault(sample.label, []).append(sample)
     share = min(1.0, limit / max(1, len(dataset.samples)))
-    chosen = []
+    per_class = []
     for label in sorted(by_class):
         group = sorted(by_class[label], key=lambda s: s.ref)
         rng.shuffle(group)
-        chosen += group[: max(2, round(len(group) * share))]
-    return chosen[:limit] if len(chosen) > limit else chosen
+        per_class.append(group[: max(2, round(len(group) * share))])
+    chosen = [sample for group in per_class for sample in group]
+    if len(chosen) <= limit:
+        return chosen
+    # Over the limit (the two-per-class floor, many classes): take the classes in turn, so none is left out.
+    interleaved = [group[i] for i in range(max(map(len, per_class))) for group in per_class if i < len(group)]
+    return interleaved[:limit]
 
 
 def count_examples(path: Path, classes: list[str] | None = None) -> dict[str, int]:

@@ -160,7 +160,13 @@ class Limiter:
         if self.local:
             self.local.acquire(requests, units)
         if self.shared:
-            self.shared.acquire(requests, units)
+            try:
+                self.shared.acquire(requests, units)
+            except Exception as error:  # the server went away mid-job: this process's bucket still holds
+                log.warning(
+                    "Prefect global rate limit failed (%r); limiting this process only from now", error
+                )
+                self.shared = None
 
     def pause(self, seconds: float) -> None:
         if self.local:

@@ -144,6 +144,7 @@ class _Run:
         self.first_path: dict[str, str] = {}  # sha256 -> the path sent for those bytes
         self.outcomes: dict[str, dict] = {}  # sha256 -> its settled answer or error
         self.followers: dict[str, list[str]] = {}  # sha256 -> paths waiting on the answer
+        self.refused: ApiError | None = None  # a 401/403 on a whole request: the rest are not sent
         self.rng = random.Random(seed)
         self.billed = int(getattr(provider, "billed", True))  # the on-premises provider bills nothing
 
@@ -212,6 +213,10 @@ class _Run:
         attempt, first_latency = 0, None
         while batch:
             attempt += 1
+            if self.refused is not None:  # the credential was refused: sending the rest would only fail too
+                for image in batch:
+                    self.fail(image, self.refused.kind, f"not sent: {self.refused.message}", 0)
+                return first_latency
             self.limiter.acquire(1, len(batch))
             started = time.monotonic()
             try:
@@ -233,6 +238,8 @@ class _Run:
             if failure is not None:
                 retry = [(image, failure.kind, failure.message) for image in batch]
                 retry_after = failure.retry_after
+                if failure.kind in (ErrorKind.UNAUTHORIZED, ErrorKind.FORBIDDEN):
+                    self.refused = failure
             else:
                 retry, retry_after = [], None
                 for image, result in zip(batch, outcome, strict=True):
@@ -240,12 +247,9 @@ class _Run:
                         retry.append((image, result.kind, result.message))
                     else:
                         self.answer(image, result, latency, attempt)
-            throttled = [item for item in retry if item[1] == ErrorKind.THROTTLED]
-            if throttled:
+            if any(item[1] == ErrorKind.THROTTLED for item in retry):
                 with self.lock:
                     self.stats.throttled_responses += 1
-                if retry_after:
-                    self.limiter.pause(retry_after)
             retryable = [item for item in retry if item[1] in ErrorKind.RETRYABLE]
             for image, kind, message in retry:
                 if kind not in ErrorKind.RETRYABLE:
@@ -258,6 +262,10 @@ class _Run:
                 for image, kind, message in retryable:
                     self.fail(image, kind, f"{message} (gave up after {attempt} attempt(s))", attempt)
                 return first_latency
+            if retry_after:
+                # The server is over quota for every caller: hold the other workers back too, but only when
+                # this request will wait it out (a Retry-After past the deadline fails it instead, above).
+                self.limiter.pause(retry_after)
             with self.lock:
                 self.stats.retries += 1
             time.sleep(wait)
@@ -319,12 +327,14 @@ def annotate_images(
     workers: list[threading.Thread] = []
 
     crashed: list[BaseException] = []
+    stopping = threading.Event()
 
     def worker() -> None:
         # A failure outside the API call (the sink's disk, the cache) stops the job; the worker keeps
         # draining the queue so the producer never blocks on a dead pool, and the error is raised below.
+        # `stopping` (the producer itself failed or was interrupted) makes them drain without sending.
         while (batch := work.get()) is not None:
-            if not crashed:
+            if not crashed and not stopping.is_set():
                 try:
                     run.send(batch)
                 except Exception as error:
@@ -369,6 +379,9 @@ def annotate_images(
                     pending.append(image)
             for index in range(0, len(pending), provider.max_batch):
                 dispatch(pending[index : index + provider.max_batch])
+    except BaseException:
+        stopping.set()  # Ctrl-C, a cancelled flow, a cache error: queued batches must not be sent (billed)
+        raise
     finally:
         for _ in workers:
             work.put(None)

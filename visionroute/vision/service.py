@@ -108,8 +108,10 @@ def annotate(
         f"{provider.name}-{spec.vision_api.endpoint or 'default'}", quota, provider.max_batch
     )
     cache = ResultCache(tracking.state_dir() / "vision_cache.db") if spec.vision_api.cache else None
-    # Google's dense-document OCR is a different answer from plain OCR of the same bytes.
+    # Google's dense-document OCR is a different answer from plain OCR of the same bytes, and another endpoint
+    # (a private gateway, a test fake, another region's model) may answer differently: both are in the key.
     cache_feature = f"{feature}:{spec.vision_api.ocr_mode}" if feature == "ocr" else feature
+    cache_feature += f"@{spec.vision_api.endpoint or 'default'}"
     rows: list[dict] = []
     bar = tqdm(total=len(paths), desc=f"{provider.name} {feature}", unit="img", disable=not progress_bar)
 
