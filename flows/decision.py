@@ -23,6 +23,9 @@ from visionroute.spec import Domain, Route, Task, TaskSpec
 from visionroute.training.catalogue import choose_model
 
 LOCAL_PROVIDER = "local"
+LOCAL_TASKS = frozenset({Task.tag, Task.ocr})
+"""What the on-premises provider (visionroute.vision.local) serves: ImageNet tags, and OCR through Tesseract
+(whether Tesseract is installed is checked when the route runs)."""
 
 
 class CannotDecide(ValueError):
@@ -132,11 +135,35 @@ def _generic(spec: TaskSpec, examples: int, costs: dict, prices: Prices, policy:
                 f"{examples:,} labelled images allow a custom model on premises.",
             ],
         )
+    if spec.task in LOCAL_TASKS:
+        return _Verdict(
+            Route.vision_api,
+            f"generic-{suffix}-local",
+            [
+                f"'{task}' is generic, but {why}.",
+                "With no labelled data, a pretrained model runs on premises.",
+            ],
+            provider=LOCAL_PROVIDER,
+        )
+    served = ", ".join(sorted(t.value for t in LOCAL_TASKS))
+    if suffix == "private":
+        raise CannotDecide(
+            f"'{task}' must stay on premises (external_api_allowed: false), but the on-premises provider serves "
+            f"{served} only and there is no labelled data to train a model: label images (data.path with one "
+            "folder per class) or allow external APIs"
+        )
     return _Verdict(
         Route.vision_api,
-        f"generic-{suffix}-local",
-        [f"'{task}' is generic, but {why}.", "With no labelled data, a pretrained model runs on premises."],
-        provider=LOCAL_PROVIDER,
+        "generic-cost-api",
+        [
+            f"'{task}' is generic; {why}, but no on-premises model serves it without labelled data.",
+            f"The cheapest API ({api['provider']}) is used at ${api['monthly_usd']:,.2f}/month.",
+        ],
+        provider=api["provider"],
+        warnings=[
+            f"self-hosting would be cheaper at {volume:,} images/month; label images (data.path) to train a "
+            f"custom '{task}' model, or lower the volume"
+        ],
     )
 
 
@@ -344,6 +371,23 @@ def _class_checks(summary: DataSummary, policy: Policy) -> tuple[list[str], list
     return errors, warnings
 
 
+_PROVIDER_SETTINGS = {
+    "transport": ("google", "grpc"),
+    "ocr_mode": ("google", "text"),
+    "region": ("aws", None),
+    "s3_bucket": ("aws", None),
+}
+
+
+def _ignored_settings(spec: TaskSpec, provider: str | None) -> list[str]:
+    """Warnings for vision_api settings that the chosen provider does not read."""
+    return [
+        f"vision_api.{name} applies to provider {owner} only; it is ignored for {provider}"
+        for name, (owner, default) in _PROVIDER_SETTINGS.items()
+        if provider != owner and getattr(spec.vision_api, name) != default
+    ]
+
+
 def _named_provider(spec: TaskSpec, provider: str | None, prices: Prices) -> tuple[str | None, str | None]:
     """The provider the spec names (vision_api.provider) instead of the cheapest; refused when it would send
     images out against external_api_allowed: false, or does not offer the feature."""
@@ -377,7 +421,10 @@ def escalate(
     """The decision after a Vision API missed `vision_api.target_accuracy` in the fit test: the route the
     rules give without the label_map (a trained model), with the fit figures recorded as the reason."""
     without_map = spec.model_copy(
-        update={"vision_api": spec.vision_api.model_copy(update={"label_map": None, "target_accuracy": None})}
+        update={
+            "route": "auto",  # a forced vision_api route is what failed: let the rules choose the training route
+            "vision_api": spec.vision_api.model_copy(update={"label_map": None, "target_accuracy": None}),
+        }
     )
     trained = decide(without_map, summary, prices, policy)
     trained.auto_rule = trained.rule
@@ -474,11 +521,23 @@ def decide(
     if route == Route.vision_api:
         provider, note = _named_provider(spec, provider, prices)
         reasons += [note] if note else []
+        if provider == LOCAL_PROVIDER and _api_task(spec) not in LOCAL_TASKS:
+            raise CannotDecide(
+                f"the on-premises provider serves {', '.join(sorted(t.value for t in LOCAL_TASKS))} only, not "
+                f"'{_api_task(spec).value}'; allow external APIs or name a cloud provider in vision_api.provider"
+            )
+        warnings += _ignored_settings(spec, provider)
     else:
         errors, class_warnings = _class_checks(summary, policy)
         if errors:
             raise CannotDecide("; ".join(errors))
         warnings += class_warnings
+
+    if spec.classify_by_api and route != Route.vision_api and not spec.constraints.external_api_allowed:
+        warnings.append(
+            "vision_api.label_map is not used: images may not leave the premises, and the on-premises tagger's "
+            "ImageNet labels are not mapped to classes"
+        )
 
     model = {Route.finetune: finetune_model, Route.scratch: scratch_model}.get(route)
     return Decision(

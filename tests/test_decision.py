@@ -72,6 +72,15 @@ TABLE = [
         None,
         "generic-cost-finetune",
     ),
+    # 1b without anything local to serve it: the on-premises provider tags and reads text only.
+    (
+        "costly-faces-no-labels",
+        dict(task="detect_faces", volume=5_000_000),
+        0,
+        "vision_api",
+        "aws",
+        "generic-cost-api",
+    ),
     # Rule 2: specific, ImageNet-like -> finetune whatever the size.
     ("natural-small", dict(domain="natural"), 245, "finetune", None, "specific-imagenet-like-finetune"),
     ("product-9999", dict(domain="product"), 9_999, "finetune", None, "specific-imagenet-like-finetune"),
@@ -319,3 +328,51 @@ def test_label_map_must_match_the_classes():
         spec(classes=["a", "b"], vision_api={"label_map": {"a": ["Cat"]}})
     with pytest.raises(SpecError, match="needs 'vision_api.label_map'"):
         spec(vision_api={"target_accuracy": 0.9})
+
+
+def test_what_nothing_on_premises_serves_cannot_stay_on_premises():
+    with pytest.raises(CannotDecide, match="serves ocr, tag only and there is no labelled data"):
+        decide(spec(task="detect_faces", private=True), DataSummary(0), PRICES)
+    with pytest.raises(CannotDecide, match="serves ocr, tag only, not 'detect_objects'"):
+        decide(spec(task="detect_objects", vision_api={"provider": "local"}), DataSummary(0), PRICES)
+    costly = decide(spec(task="detect_faces", volume=5_000_000), DataSummary(0), PRICES)
+    assert any("self-hosting would be cheaper" in w for w in costly.warnings)
+
+
+def test_local_tasks_match_what_the_local_provider_serves():
+    from visionroute.flows.decision import LOCAL_TASKS
+
+    from visionroute.vision.base import ProviderSettings
+    from visionroute.vision.local import LocalProvider
+
+    assert {t.value for t in LOCAL_TASKS} == LocalProvider(
+        ProviderSettings()
+    ).features()  # tesseract installed
+
+
+def test_escalating_a_forced_api_route_lets_the_rules_choose_training():
+    forced = spec(vision_api=LABEL_MAP, route="vision_api")
+    summary = two_classes(500)
+    api = decide(forced, summary, PRICES)
+    escalated = escalate(api, {"provider": "google", "accuracy": 0.2, "images": 50}, forced, summary, PRICES)
+    assert (escalated.route, escalated.rule) == ("finetune", "escalated-finetune")
+
+
+def test_settings_the_provider_does_not_read_are_flagged():
+    decision = decide(
+        spec(
+            task="ocr", volume=10_000, vision_api={"provider": "azure", "transport": "rest", "s3_bucket": "b"}
+        ),
+        DataSummary(0),
+        PRICES,
+    )
+    assert (
+        "vision_api.transport applies to provider google only; it is ignored for azure" in decision.warnings
+    )
+    assert "vision_api.s3_bucket applies to provider aws only; it is ignored for azure" in decision.warnings
+
+
+def test_a_label_map_under_privacy_says_it_is_not_used():
+    decision = decide(spec(vision_api=LABEL_MAP, private=True), two_classes(500), PRICES)
+    assert decision.route == "finetune"
+    assert any("label_map is not used" in w for w in decision.warnings)

@@ -22,6 +22,7 @@ from visionroute.flows.route import route_image_task
 
 from visionroute import tracking
 from visionroute.cli import main
+from visionroute.vision.base import ApiError
 
 pytestmark = pytest.mark.flow
 
@@ -189,6 +190,20 @@ def test_a_label_map_that_fits_keeps_the_api_route(tmp_path, cloud_credentials):
     fit = nested_run(client, outcome["parent_run_id"], "fit-test")
     assert fit.data.metrics["fit_accuracy"] == 1.0 and fit.data.params["sample"] == "8"
     assert prefect_artifact("colours-by-api-fit-test")
+
+
+def test_a_fit_test_that_cannot_reach_the_api_fails_instead_of_escalating(tmp_path, cloud_credentials):
+    behaviour = FakeBehaviour(max_batch=1)
+    with RekognitionFake(behaviour) as fake:
+        behaviour.fail_next(100, "forbidden")
+        spec = label_map_spec(tmp_path, fake.endpoint, "{red: [Red], blue: [Blue]}", 0.9)
+        with pytest.raises(ApiError, match=r"could not measure aws: 8 of 8 images failed \(forbidden x8"):
+            route_image_task(str(spec))
+    client = MlflowClient(tracking.tracking_uri())
+    runs = client.search_runs([client.get_experiment_by_name("colours-by-api").experiment_id])
+    parent = next(run for run in runs if "mlflow.parentRunId" not in run.data.tags)
+    assert parent.info.status == "FAILED" and parent.data.tags["visionroute.route"] == "vision_api"
+    assert "visionroute.escalated_from" not in parent.data.tags
 
 
 @pytest.mark.slow

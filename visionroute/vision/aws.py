@@ -243,7 +243,9 @@ class RekognitionProvider:
         try:
             self._invoke(self._s3.head_object, Bucket=self.bucket, Key=key)
         except ApiError as exc:
-            if exc.status != 404:  # HEAD answers a missing key with a bare 404
+            # HEAD answers a missing key with a bare 404, or with 403 when the caller lacks s3:ListBucket:
+            # either way, put it (a put-only role is enough; a real denial shows on the put).
+            if exc.status not in (403, 404):
                 raise
             content_type = "image/png" if image.format == "PNG" else "image/jpeg"
             self._invoke(

@@ -11,7 +11,8 @@ from visionroute import tracking
 from visionroute.data.dataset import ImageDataset, stratified_sample
 from visionroute.flows.costs import Prices, api_monthly_cost
 from visionroute.spec import Task, TaskSpec
-from visionroute.vision.service import annotate, map_to_class
+from visionroute.vision.base import ApiError
+from visionroute.vision.service import annotate, map_to_class, require_files
 
 UNMAPPED = "(unmapped)"
 
@@ -36,6 +37,7 @@ def fit_test(
     missing = sorted(set(dataset.classes) - set(label_map))
     if missing:
         raise ValueError(f"vision_api.label_map has no entry for class(es) {missing}; map every class")
+    require_files(dataset)
     chosen = stratified_sample(dataset, sample or spec.vision_api.fit_sample, spec.training.seed)
     truth = {s.ref: dataset.classes[s.label] for s in chosen}
     result = annotate(spec, provider, list(truth), prices, progress_bar=progress_bar)
@@ -77,6 +79,16 @@ def fit_test(
         },
     }
     report["run_id"] = _track(spec, report, result, parent_run_id)
+    failed = [row for row in result.rows if row["error"]]
+    if len(failed) * 2 > images:
+        # Mostly errors measure the credential or the network, not the API's accuracy: never escalate on them.
+        kinds = Counter(row["error"]["kind"] for row in failed)
+        raise ApiError(
+            failed[0]["error"]["kind"],
+            f"the fit test could not measure {result.provider}: {len(failed)} of {images} images failed "
+            f"({', '.join(f'{k} x{n}' for k, n in sorted(kinds.items()))}; first: {failed[0]['error']['message']}). "
+            "Fix that and run it again; nothing was escalated",
+        )
     return report
 
 

@@ -69,6 +69,8 @@ _EXCEPTION_KINDS: tuple[tuple[type[Exception], str], ...] = (
     # ABORTED and CANCELLED (we never cancel) are transient by gRPC's own definitions.
     (core_exceptions.Aborted, ErrorKind.UNAVAILABLE),
     (core_exceptions.Cancelled, ErrorKind.UNAVAILABLE),
+    # 501 UNIMPLEMENTED (a wrong private endpoint, a method it does not serve) will not work on a retry.
+    (core_exceptions.MethodNotImplemented, ErrorKind.BAD_REQUEST),
     (core_exceptions.ServerError, ErrorKind.SERVER),
     (core_exceptions.Unauthorized, ErrorKind.UNAUTHORIZED),
     (core_exceptions.Forbidden, ErrorKind.FORBIDDEN),

@@ -60,13 +60,17 @@ def input_paths(spec: TaskSpec, dataset=None) -> tuple[list[str], list[dict]]:
         raise DatasetError(
             "the vision_api route needs images: set vision_api.input (or data.path) to a folder or an image file"
         )
-    arrays = [s.ref for s in found.samples if s.ref.startswith("npz:")]
-    if arrays:
-        raise DatasetError(
-            f"{found.root}: the vision_api route sends image files; a .npz holds arrays. Export the images as "
-            "PNG files and point vision_api.input at their folder"
-        )
+    require_files(found)
     return [s.ref for s in found.samples], [{"path": s.path, "reason": s.reason} for s in found.skipped]
+
+
+def require_files(dataset) -> None:
+    """Vision APIs take image files: refuse array rows (a MedMNIST .npz) with what to do instead."""
+    if any(s.ref.startswith("npz:") for s in dataset.samples[:1]):
+        raise DatasetError(
+            f"{dataset.root}: the vision_api route sends image files; a .npz holds arrays. Export the images as "
+            "PNG files and point vision_api.input (or data.path) at their folder"
+        )
 
 
 @dataclass
