@@ -329,10 +329,12 @@ def train(
     warmup_steps = min(total_steps // 2, int(config.warmup_epochs * steps_per_epoch))
 
     best_accuracy, best_loss, best_state, stale, step, test_reserve = -1.0, math.inf, None, 0, 0, 0.0
+    floor_accuracy, top_accuracy = -1.0, -1.0
     if result.probe:
         # The probed model is epoch 0: fine-tuning must match its validation accuracy to replace it. Its
         # loss is not a tie-break: label smoothing inflates the fine-tuned models' cross-entropy.
         best_accuracy, best_loss = result.probe["val_accuracy"], math.inf
+        floor_accuracy = best_accuracy
         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # Throughput is counted from the second step on: the first pays one-off allocation and kernel set-up.
     train_seconds, trained_images, first_step_seconds = 0.0, 0, 0.0
@@ -392,7 +394,18 @@ def train(
             "lr_backbone": groups[0]["base_lr"] * factor,
         }
         result.history.append(record)
-        improved = (val_accuracy, -val_loss) > (best_accuracy, -best_loss)
+        # Accuracies one validation image apart are noise on a small split (one image of 36 is 2.8 points):
+        # within that of the best fine-tuned accuracy so far, the lower loss wins. Measured on the demo's
+        # ants/bees: a first epoch at 36/36 ahead of later ones at 35/36 with lower loss held out 0.91.
+        tolerance = 1.0 / max(1, len(data.val_y)) + 1e-6
+        top_accuracy = max(top_accuracy, val_accuracy)
+        improved = val_accuracy >= floor_accuracy and (
+            val_accuracy > best_accuracy + tolerance
+            or (
+                val_accuracy >= top_accuracy - tolerance
+                and (val_loss, -val_accuracy) < (best_loss, -best_accuracy)
+            )
+        )
         if improved:
             best_accuracy, best_loss, stale = val_accuracy, val_loss, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
