@@ -57,7 +57,7 @@ def test_a_measurement_contradicting_the_declared_domain_is_a_warning():
 
 
 def test_measured_on_real_data_natural_photos_are_imagenet_like_and_28px_xrays_are_not():
-    """Small samples (160 images) keep this test quick; bench/profile.py measures 1,000 per dataset."""
+    """Small samples (160 images) keep this test quick; bench/data_profile.py measures 1,000 per dataset."""
     photos = measure_domain(scan_dataset(shared_dataset("hymenoptera_data")), limit=160, progress=False)
     xrays = measure_domain(
         scan_dataset(shared_dataset("pneumoniamnist") / "pneumoniamnist.npz"), limit=160, progress=False

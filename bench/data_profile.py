@@ -1,6 +1,6 @@
 """Profiling throughput and the domain measurement on real datasets.
 
-    python bench/profile.py ../shared/datasets/neu_steel_defects ../shared/datasets/hymenoptera_data \
+    python bench/data_profile.py ../shared/datasets/neu_steel_defects ../shared/datasets/hymenoptera_data \
         [--domain ../shared/datasets/pneumoniamnist/pneumoniamnist.npz ...] [--limit 1000]
 
 Throughput: scan + validate (decode, sha256, thumbnail signature, quarantine, duplicates) against a bare
