@@ -23,7 +23,7 @@ class VisionApiBackend:
     name: str = "vision_api"
 
     def run(self, context: BackendContext) -> BackendResult:
-        from visionroute.vision.service import annotate, input_paths, map_to_class, write_jsonl
+        from visionroute.vision.service import annotate, classify_rows, input_paths, write_jsonl
 
         spec, provider = context.spec, context.decision.provider
         paths, skipped = input_paths(spec, context.dataset)
@@ -89,15 +89,11 @@ class VisionApiBackend:
                 raise BackendUnavailable(str(error)) from None
         metrics = result.metrics()
         if spec.classify_by_api:
-            correct = labelled = 0
-            for row in result.rows:
-                row["class"] = None if row["error"] else map_to_class(row["labels"], v.label_map)[0]
-                if row["path"] in truth:
-                    row["true_class"] = truth[row["path"]]
-                    labelled += 1
-                    correct += row["class"] == row["true_class"]
+            classify_rows(result.rows, v.label_map, truth)
+            labelled = [row for row in result.rows if "true_class" in row]
             if labelled:
-                metrics["accuracy"] = round(correct / labelled, 4)
+                correct = sum(row["class"] == row["true_class"] for row in labelled)
+                metrics["accuracy"] = round(correct / len(labelled), 4)
         tracking.log_metrics(client, run_id, metrics)
         with_errors = [row for row in result.rows if row["error"]]
         tracking.log_json(client, run_id, with_errors, "errors.json")

@@ -58,6 +58,3 @@ class ResultCache:
                 "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?)",
                 (provider, feature, sha256, api_version, json.dumps(annotation.to_dict()), time.time()),
             )
-
-    def count(self) -> int:
-        return self._connection().execute("SELECT COUNT(*) FROM answers").fetchone()[0]

@@ -4,7 +4,6 @@ The route flow runs it before a label-map API route and escalates to training wh
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 from visionroute import tracking
@@ -12,7 +11,7 @@ from visionroute.data.dataset import ImageDataset, stratified_sample
 from visionroute.flows.costs import Prices, api_monthly_cost
 from visionroute.spec import Task, TaskSpec
 from visionroute.vision.base import ApiError
-from visionroute.vision.service import annotate, map_to_class, require_files
+from visionroute.vision.service import annotate, classify_rows, jsonl_text, require_files
 
 UNMAPPED = "(unmapped)"
 
@@ -42,12 +41,11 @@ def fit_test(
     truth = {s.ref: dataset.classes[s.label] for s in chosen}
     result = annotate(spec, provider, list(truth), prices, progress_bar=progress_bar)
 
+    classify_rows(result.rows, label_map, truth)
     per_class: dict[str, Counter] = {name: Counter() for name in dataset.classes}
     confusion: Counter = Counter()
     for row in result.rows:
-        actual = truth[row["path"]]
-        predicted = None if row["error"] else map_to_class(row["labels"], label_map)[0]
-        row["class"], row["true_class"] = predicted, actual
+        actual, predicted = row["true_class"], row["class"]
         per_class[actual]["images"] += 1
         per_class[actual]["correct"] += predicted == actual
         per_class[actual]["errors"] += row["error"] is not None
@@ -135,9 +133,6 @@ def _track(spec: TaskSpec, report: dict, result, parent_run_id: str | None) -> s
         },
     )
     tracking.log_json(client, run_id, report, "fit_test.json")
-    rows = sorted(result.rows, key=lambda r: r["path"])
-    tracking.log_text(
-        client, run_id, "".join(json.dumps(row) + "\n" for row in rows), "fit_test_results.jsonl"
-    )
+    tracking.log_text(client, run_id, jsonl_text(result.rows), "fit_test_results.jsonl")
     client.set_terminated(run_id, "FINISHED")
     return run_id

@@ -12,7 +12,6 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass
 
 from visionroute.vision.base import Quota
 
@@ -41,12 +40,6 @@ class _Bucket:
         return max(0.0, (amount - self.tokens) / self.rate)
 
 
-@dataclass(frozen=True)
-class LimiterStats:
-    waited_s: float
-    acquisitions: int
-
-
 class RateLimiter:
     """Blocks callers so that requests and units stay within `quota`.
 
@@ -68,8 +61,6 @@ class RateLimiter:
             self._buckets.append((_Bucket(quota.units_per_s, capacity), "u"))
         self._lock = threading.Lock()
         self._paused_until = 0.0
-        self._waited = 0.0
-        self._acquisitions = 0
 
     def acquire(self, requests: int = 1, units: int = 1) -> float:
         """Wait until one request of `units` fits the quota, take it, and return the seconds waited."""
@@ -84,10 +75,7 @@ class RateLimiter:
                 if wait <= 0:
                     for bucket, unit in self._buckets:
                         bucket.tokens -= requests if unit == "r" else units
-                    waited = now - started if slept else 0.0
-                    self._waited += waited
-                    self._acquisitions += 1
-                    return waited
+                    return now - started if slept else 0.0
             time.sleep(min(wait, 1.0))
             slept = True
 
@@ -95,10 +83,6 @@ class RateLimiter:
         """Hold every caller back for `seconds` (the server said Retry-After: it is over quota for all)."""
         with self._lock:
             self._paused_until = max(self._paused_until, time.monotonic() + seconds)
-
-    def stats(self) -> LimiterStats:
-        with self._lock:
-            return LimiterStats(round(self._waited, 3), self._acquisitions)
 
 
 _SHARED: dict[tuple, RateLimiter] = {}

@@ -156,9 +156,21 @@ def map_to_class(labels: list[dict], label_map: dict[str, list[str]]) -> tuple[s
     return best, max(best_score, 0.0)
 
 
+def classify_rows(rows: list[dict], label_map: dict[str, list[str]], truth: dict[str, str]) -> None:
+    """Set each row's `class` through the label map (None for an error or no mapped label), and its
+    `true_class` where `truth` (path -> class) knows it."""
+    for row in rows:
+        row["class"] = None if row["error"] else map_to_class(row["labels"], label_map)[0]
+        if row["path"] in truth:
+            row["true_class"] = truth[row["path"]]
+
+
+def jsonl_text(rows: list[dict]) -> str:
+    """The rows as JSON lines, sorted by path (completion order is not reproducible)."""
+    return "".join(json.dumps(row) + "\n" for row in sorted(rows, key=lambda r: r["path"]))
+
+
 def write_jsonl(rows: list[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as out:
-        for row in sorted(rows, key=lambda r: r["path"]):
-            out.write(json.dumps(row) + "\n")
+    path.write_text(jsonl_text(rows))
     return path
