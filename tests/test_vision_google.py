@@ -28,7 +28,7 @@ from visionroute.vision.base import (
     ProviderSettings,
     create_provider,
 )
-from visionroute.vision.google import GoogleVisionProvider, create_google_provider
+from visionroute.vision.google import GoogleVisionProvider, create_google_provider, credentials_file
 
 CENTRE = [0.25, 0.25, 0.5, 0.5]
 TRANSPORTS = ("grpc", "rest")
@@ -373,7 +373,10 @@ def test_gcloud_adc_file_is_used(no_credentials, transport):
     adc.write_text(
         json.dumps({"type": "authorized_user", "client_id": "i", "client_secret": "s", "refresh_token": "r"})
     )
+    assert credentials_file() == (str(adc), "gcloud application-default credentials")
     provider = create_google_provider(ProviderSettings(transport=transport))
+    assert provider.transport == transport
+    assert type(provider._client.transport._credentials).__name__ == "Credentials"  # google.oauth2 user creds
     provider.close()
 
 
