@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from visionroute.flows.decision import Decision
-
 from visionroute.data.dataset import ImageDataset
+from visionroute.decision.rules import Decision
 from visionroute.registry import Registry
 from visionroute.spec import TaskSpec
 

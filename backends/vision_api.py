@@ -12,9 +12,9 @@ import json
 from dataclasses import dataclass
 
 from visionroute.backends.base import BackendContext, BackendResult, BackendUnavailable, register_backend
-from visionroute.flows.costs import load_prices
 
 from visionroute import tracking
+from visionroute.decision.costs import load_prices
 from visionroute.vision.base import ApiError, ProviderConfigError
 
 

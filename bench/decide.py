@@ -13,9 +13,8 @@ import itertools
 import json
 import time
 
-from visionroute.flows.costs import load_prices
-from visionroute.flows.decision import CannotDecide, DataSummary, decide
-
+from visionroute.decision.costs import load_prices
+from visionroute.decision.rules import CannotDecide, DataSummary, decide
 from visionroute.spec import parse_spec
 
 TASKS = ["classify", "tag", "ocr", "detect_objects", "detect_faces"]

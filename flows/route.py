@@ -19,14 +19,14 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from visionroute.backends import BackendContext, create_backend
-from visionroute.flows.artifacts import cost_rows, decision_markdown
-from visionroute.flows.costs import load_prices
-from visionroute.flows.decision import escalate
 
 from visionroute import tracking
 from visionroute.cost_chart import plot_costs
 from visionroute.data.dataset import DatasetError
 from visionroute.data.validation import ValidationReport
+from visionroute.decision.costs import load_prices
+from visionroute.decision.report import cost_rows, decision_markdown
+from visionroute.decision.rules import escalate
 from visionroute.planning import Plan, plan
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from visionroute.backends import Backend, BackendContext, BackendUnavailable, create_backend, list_backends
 from visionroute.backends.base import register_backend
-from visionroute.flows.decision import decide
 
 from visionroute.data.dataset import DatasetError
+from visionroute.decision.rules import decide
 from visionroute.spec import parse_spec
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from conftest import make_dataset, make_image, shared_dataset
 from PIL import Image
-from visionroute.flows.decision import CannotDecide, DataSummary, decide
 
 from visionroute.data.dataset import DatasetError, assign_splits, decode_all, scan_dataset
 from visionroute.data.images import ImageRejected, load_rgb
+from visionroute.decision.rules import CannotDecide, DataSummary, decide
 from visionroute.spec import parse_spec
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 
 import pytest
-from visionroute.flows.costs import load_prices
-from visionroute.flows.decision import CannotDecide, DataSummary, decide, escalate
-from visionroute.flows.policy import DEFAULT_POLICY, Policy
 
+from visionroute.decision.costs import load_prices
+from visionroute.decision.policy import DEFAULT_POLICY, Policy
+from visionroute.decision.rules import CannotDecide, DataSummary, decide, escalate
 from visionroute.spec import parse_spec
 
 PRICES = load_prices()
@@ -262,8 +262,10 @@ def test_decision_module_imports_neither_prefect_nor_mlflow():
     import ast
     from pathlib import Path
 
-    for module in ("decision.py", "policy.py", "costs.py"):
-        tree = ast.parse((Path(__file__).parents[1] / "flows" / module).read_text())
+    package = Path(__file__).parents[1] / "visionroute" / "decision"
+    for path in sorted(package.glob("*.py")):
+        module = path.name
+        tree = ast.parse(path.read_text())
         names = {
             alias.name.split(".")[0]
             for node in ast.walk(tree)
@@ -340,8 +342,7 @@ def test_what_nothing_on_premises_serves_cannot_stay_on_premises():
 
 
 def test_local_tasks_match_what_the_local_provider_serves():
-    from visionroute.flows.decision import LOCAL_TASKS
-
+    from visionroute.decision.rules import LOCAL_TASKS
     from visionroute.vision.base import ProviderSettings
     from visionroute.vision.local import LocalProvider
 
@@ -376,3 +377,12 @@ def test_a_label_map_under_privacy_says_it_is_not_used():
     decision = decide(spec(vision_api=LABEL_MAP, private=True), two_classes(500), PRICES)
     assert decision.route == "finetune"
     assert any("label_map is not used" in w for w in decision.warnings)
+
+
+def test_flows_folder_holds_prefect_flows_only():
+    from pathlib import Path
+
+    folder = Path(__file__).parents[1] / "flows"
+    for path in folder.glob("*.py"):
+        if path.name != "__init__.py":
+            assert "@flow" in path.read_text(), f"{path.name} holds no Prefect flow: move it out of flows/"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import shared_dataset
-from visionroute.flows.decision import CannotDecide, DataSummary, decide
 
 from visionroute.data.dataset import scan_dataset
 from visionroute.data.domain import FAR_BELOW_KNN_GAIN, knn_accuracy, logme, measure_domain
+from visionroute.decision.rules import CannotDecide, DataSummary, decide
 from visionroute.spec import parse_spec
 
 

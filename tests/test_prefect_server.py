@@ -120,7 +120,7 @@ def test_deployment_file_deploys_with_its_schedule(server):
 SHARED_QUOTA_WORKER = """
 import sys, time
 from pathlib import Path
-from visionroute.flows.costs import load_prices
+from visionroute.decision.costs import load_prices
 from visionroute.spec import load_spec
 from visionroute.vision.service import annotate, input_paths
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, write_spec
-from visionroute.flows.costs import load_prices
 
 from visionroute.cli import main
+from visionroute.decision.costs import load_prices
 from visionroute.spec import SpecError, load_spec
 
 EXAMPLES = REPO / "examples" / "tasks"
@@ -121,8 +121,7 @@ def test_malformed_price_file_is_a_clear_error(tmp_path, capsys):
 
 
 def test_api_cost_counts_the_free_tier():
-    from visionroute.flows.costs import api_monthly_cost
-
+    from visionroute.decision.costs import api_monthly_cost
     from visionroute.spec import Task
 
     prices = load_prices()

@@ -21,7 +21,7 @@ def _schema(args) -> int:
 
 
 def _decide(args) -> int:
-    from visionroute.flows.artifacts import decision_markdown
+    from visionroute.decision.report import decision_markdown
     from visionroute.planning import plan
 
     status = 0
@@ -70,7 +70,7 @@ def _predict(args) -> int:
 
 
 def _fit_test(args) -> int:
-    from visionroute.flows.costs import load_prices
+    from visionroute.decision.costs import load_prices
     from visionroute.planning import read_data
     from visionroute.spec import load_spec
     from visionroute.vision.fit_test import fit_test
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from visionroute.backends import BackendUnavailable
     from visionroute.data.dataset import DatasetError
-    from visionroute.flows.decision import CannotDecide
+    from visionroute.decision.rules import CannotDecide
     from visionroute.spec import SpecError
     from visionroute.training.weights import WeightsError
     from visionroute.vision.base import ApiError, ProviderConfigError

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from visionroute.flows.costs import Prices, cheapest_provider, self_hosted_monthly
-from visionroute.flows.decision import Decision
-from visionroute.flows.policy import DEFAULT_POLICY
+from visionroute.decision.costs import Prices, cheapest_provider, self_hosted_monthly
+from visionroute.decision.policy import DEFAULT_POLICY
+from visionroute.decision.rules import Decision
 from visionroute.spec import Task
 
 

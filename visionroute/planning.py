@@ -8,8 +8,8 @@ from pathlib import Path
 from visionroute.data.dataset import DatasetError, ImageDataset, assign_splits, scan_dataset
 from visionroute.data.images import IMAGE_SUFFIXES
 from visionroute.data.validation import ValidationReport, remove_leakage, validate
-from visionroute.flows.costs import load_prices
-from visionroute.flows.decision import DataSummary, Decision, decide
+from visionroute.decision.costs import load_prices
+from visionroute.decision.rules import DataSummary, Decision, decide
 from visionroute.spec import Domain, TaskSpec, load_spec
 
 

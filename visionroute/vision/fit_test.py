@@ -8,7 +8,7 @@ from collections import Counter
 
 from visionroute import tracking
 from visionroute.data.dataset import ImageDataset, stratified_sample
-from visionroute.flows.costs import Prices, api_monthly_cost
+from visionroute.decision.costs import Prices, api_monthly_cost
 from visionroute.spec import Task, TaskSpec
 from visionroute.vision.base import ApiError
 from visionroute.vision.service import annotate, classify_rows, jsonl_text, require_files

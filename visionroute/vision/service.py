@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from visionroute import tracking
 from visionroute.data.dataset import DatasetError, scan_images
-from visionroute.flows.costs import Prices
+from visionroute.decision.costs import Prices
 from visionroute.spec import Task, TaskSpec
 from visionroute.vision import local
 from visionroute.vision.base import Provider, ProviderSettings, Quota, create_provider

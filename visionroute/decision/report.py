@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from visionroute.flows.decision import Decision
+from visionroute.decision.rules import Decision
 
 
 def decision_markdown(name: str, decision: Decision) -> str:

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from visionroute.flows.costs import Prices, cheapest_provider, route_costs, self_hosted_monthly
-from visionroute.flows.policy import DEFAULT_POLICY, Policy
-
+from visionroute.decision.costs import Prices, cheapest_provider, route_costs, self_hosted_monthly
+from visionroute.decision.policy import DEFAULT_POLICY, Policy
 from visionroute.spec import Domain, Route, Task, TaskSpec
 from visionroute.training.catalogue import choose_model
 
@@ -453,7 +452,7 @@ def decide(
     policy: Policy = DEFAULT_POLICY,
 ) -> Decision:
     """Choose the route for `spec`. Raises CannotDecide when no route can serve it."""
-    from visionroute.flows.costs import load_prices  # reads the bundled file once, then cached
+    from visionroute.decision.costs import load_prices  # reads the bundled file once, then cached
 
     prices = prices or load_prices()
     declared = spec.data.labeled_examples if spec.data else None

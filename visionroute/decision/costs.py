@@ -1,6 +1,6 @@
 """Cost model: monthly Vision API bill against training plus self-hosting, per route.
 
-Pure functions over a price file (flows/prices.yaml, or the user's own). Figures are planning estimates for
+Pure functions over a price file (visionroute/decision/prices.yaml, or the user's own). Figures are planning estimates for
 comparing routes, not quotes.
 """
 
