@@ -1,25 +1,57 @@
-"""The training engine on a tiny real dataset: probe, fine-tune, budget, checkpoints, determinism, metrics."""
+"""The training engine on tiny real data: cache, device augmentation, feed, probe, fine-tune, budget, resume,
+native small inputs, metrics."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
-from conftest import make_dataset
+import torch
+from conftest import REPO, make_dataset
+from PIL import Image
 
-from visionroute.data.dataset import assign_splits, scan_dataset
-from visionroute.training.engine import Preprocessing, TrainConfig, build_model, prepare_data, train
-from visionroute.training.metrics import classification_report, plot_confusion_matrix
+from visionroute.data.dataset import assign_splits, native_shape, scan_dataset
+from visionroute.training.augment import Augmentation, augment_batch
+from visionroute.training.cache import decode_to_cache
+from visionroute.training.engine import (
+    BudgetPlanner,
+    ModelSelection,
+    Preprocessing,
+    TrainConfig,
+    build_model,
+    class_weights,
+    prepare_data,
+    train,
+)
+from visionroute.training.loader import BatchFeed
+from visionroute.training.metrics import (
+    binary_threshold,
+    classification_report,
+    plot_confusion_matrix,
+    roc_auc,
+)
+from visionroute.training.recipes import SCRATCH
 from visionroute.training.weights import load_pretrained, resolve_pretrained
 
 MODEL = "tf_efficientnet_lite0"
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
+def dataset(tmp_path_factory):
     root = make_dataset(tmp_path_factory.mktemp("engine") / "data", per_class=10)
-    dataset = assign_splits(scan_dataset(root), seed=0)
-    model = build_model(MODEL, 2)
-    prep = Preprocessing.for_model(model, MODEL, dataset.classes)
+    return assign_splits(scan_dataset(root), seed=0)
+
+
+@pytest.fixture(scope="module")
+def prepared(dataset):
+    prep = Preprocessing.for_model(build_model(MODEL, 2), MODEL, dataset.classes)
     return dataset, prepare_data(dataset, prep)
 
 
@@ -27,6 +59,101 @@ def fresh_model():
     model = build_model(MODEL, 2)
     load_pretrained(model, resolve_pretrained(MODEL, model), 2)
     return model
+
+
+def grey_npz(path, count=60, side=28, seed=0):
+    """A MedMNIST-layout .npz: bright blob (class 1) or not, with official train/val/test splits."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in (("train", count), ("val", count // 3), ("test", count // 3)):
+        labels = np.arange(n) % 2
+        images = rng.integers(0, 80, (n, side, side)).astype(np.uint8)
+        images[labels == 1, 8:20, 8:20] += 150
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels[:, None]
+    np.savez(path, **arrays)
+    return path
+
+
+def own_dataset(tmp_path):
+    """A dataset this test may change without touching the module's shared one."""
+    return assign_splits(scan_dataset(make_dataset(tmp_path / "own", per_class=10)), seed=0)
+
+
+def test_cache_is_built_once_and_reused_and_keyed_by_content(tmp_path):
+    dataset = own_dataset(tmp_path)
+    prep = Preprocessing.for_model(build_model(MODEL, 2), MODEL, dataset.classes)
+    first = decode_to_cache(dataset, prep, tmp_path, progress=False)
+    assert not first.reused and isinstance(first.train.x, np.memmap)
+    assert first.train.x.shape == (len(dataset.split("train")), 3, prep.resize, prep.resize)
+    again = decode_to_cache(dataset, prep, tmp_path, progress=False)
+    assert again.reused and again.folder == first.folder
+    np.testing.assert_array_equal(again.test.x, first.test.x)
+    # Same bytes as decoding in memory: the cache changes where images live, not what they are.
+    in_memory = decode_to_cache(dataset, prep, None, progress=False)
+    np.testing.assert_array_equal(in_memory.val.x, first.val.x)
+    # Touching a file changes the key: a new cache, the old one untouched.
+    path = dataset.split("train")[0].ref
+    Image.open(path).save(path, quality=50)
+    changed = decode_to_cache(dataset, prep, tmp_path, progress=False)
+    assert not changed.reused and changed.folder != first.folder
+    assert not list(tmp_path.glob("*.tmp-*")), "no staging folder is left behind"
+
+
+def test_a_file_that_fails_to_decode_is_listed_and_left_out(tmp_path):
+    dataset = own_dataset(tmp_path)
+    path = Path(dataset.split("train")[1].ref)
+    path.write_bytes(path.read_bytes()[:600])  # truncated: the header reads, the pixels do not
+    prep = Preprocessing.for_model(build_model(MODEL, 2), MODEL, dataset.classes)
+    decoded = decode_to_cache(dataset, prep, tmp_path, progress=False)
+    assert str(path) in decoded.rejected and "truncated" in decoded.rejected[str(path)].lower()
+    assert str(path) not in decoded.train.refs and len(decoded.train) == len(dataset.split("train")) - 1
+    assert decoded.train.x.shape[0] == len(decoded.train.y)
+
+
+def test_augmentation_is_seeded_and_shaped_like_the_model_input():
+    prep = Preprocessing(32, 36, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), ["a", "b"], "m", 3, 40)
+    stored = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8)
+    aug = Augmentation(scale=(0.3, 1.0))
+    a = augment_batch(stored, prep, aug, torch.Generator().manual_seed(1))
+    b = augment_batch(stored, prep, aug, torch.Generator().manual_seed(1))
+    c = augment_batch(stored, prep, aug, torch.Generator().manual_seed(2))
+    assert a.shape == (6, 3, 32, 32) and a.dtype == torch.float32
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # Identity parameters reproduce the evaluation crop: the grid maps pixel centres onto pixel centres.
+    plain = Augmentation(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, jitter=0.0)
+    same = Preprocessing(40, 40, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), ["a", "b"], "m", 3, 40)
+    out = augment_batch(stored, same, plain, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, same.eval_batch(stored), atol=1e-3, rtol=0)
+
+
+def test_feed_covers_the_split_once_per_epoch_and_drops_a_lone_last_image():
+    from visionroute.training.cache import SplitArrays
+
+    x = np.arange(9 * 1 * 2 * 2, dtype=np.uint8).reshape(9, 1, 2, 2)
+    split = SplitArrays(x, np.arange(9), [str(i) for i in range(9)])
+    feed = BatchFeed(split, 4, torch.device("cpu"))
+    assert feed.steps() == 2  # 4 + 4, the ninth image alone would break BatchNorm
+    seen = [y.tolist() for _, y in feed.epoch(torch.randperm(9, generator=torch.Generator().manual_seed(0)))]
+    flat = sum(seen, [])
+    assert len(flat) == 8 and len(set(flat)) == 8
+    for images, labels in feed.epoch(torch.arange(9)):
+        assert torch.equal(images[:, 0, 0, 0], torch.from_numpy(x[labels.numpy(), 0, 0, 0]))
+
+
+def test_model_selection_and_budget_planner_alone():
+    model = torch.nn.Linear(2, 2)
+    selection = ModelSelection(val_examples=10, floor_accuracy=0.6)
+    assert not selection.update(1, 0.5, 0.3, model)  # below the probe's floor
+    assert selection.update(2, 0.8, 0.5, model)
+    assert selection.update(3, 0.8, 0.4, model)  # a tie, lower loss
+    assert (
+        not selection.update(4, 0.75, 0.1, model) or selection.best_epoch == 4
+    )  # within one image: loss decides
+    assert selection.best_state is not None
+    planner = BudgetPlanner(100.0, time.perf_counter())
+    planner.record(epoch_seconds=12.0, warmup_seconds=10.0, eval_seconds=1.0, test_fraction=1.0)
+    assert planner.epoch_seconds == 2.0, "one-off warm-up is not an epoch's cost"
+    assert planner.epochs_that_fit() in (48, 49)
 
 
 def test_probe_then_finetune_learns_and_checkpoints(prepared, tmp_path):
@@ -37,6 +164,7 @@ def test_probe_then_finetune_learns_and_checkpoints(prepared, tmp_path):
     assert result.probe["val_accuracy"] == 1.0  # colour fields: trivially separable on ImageNet features
     assert [e["epoch"] for e in epochs] == [1, 2]
     assert result.test["accuracy"] == 1.0 and result.test["examples"] == len(dataset.split("test"))
+    assert "auc" in result.test
     assert (tmp_path / "ckpt" / "last.pt").exists() and (tmp_path / "ckpt" / "best.pt").exists()
     assert result.stopped in ("max_epochs", "early_stopping")
 
@@ -55,11 +183,108 @@ def test_budget_is_respected(prepared):
     assert len(result.history) == 1
 
 
-def test_scratch_configuration_trains_from_random_weights(prepared):
-    _, data = prepared
-    config = TrainConfig(MODEL, pretrained=False, linear_probe=False, max_epochs=1, budget_seconds=60)
-    result = train(config, build_model(MODEL, 2), data)
-    assert result.probe is None and len(result.history) == 1
+def test_grey_28px_data_trains_natively_as_one_channel(tmp_path):
+    dataset = assign_splits(scan_dataset(grey_npz(tmp_path / "grey.npz")), seed=0)
+    channels, native = native_shape(dataset)
+    assert (channels, native) == (1, 28)
+    model = build_model("resnet18_small", 2, in_chans=1, input_size=native)
+    prep = Preprocessing.for_model(model, "resnet18_small", dataset.classes, channels, native)
+    assert (prep.input_size, prep.store_side, prep.channels, len(prep.mean)) == (28, 28, 1, 1)
+    data = prepare_data(dataset, prep, cache_root=tmp_path / "cache")
+    assert data.train.x.shape[1:] == (1, 28, 28), "stored at native size, not upscaled to 256 px"
+    config = TrainConfig.from_recipe(
+        SCRATCH, "resnet18_small", max_epochs=6, budget_seconds=60, batch_size=16
+    )
+    result = train(config, model, data)
+    assert result.test["accuracy"] >= 0.9 and result.test["auc"] >= 0.9
+    assert 0.0 < result.preprocessing.threshold < 1.0  # chosen on validation, recorded with the model
+
+
+def test_class_weights_only_above_the_imbalance_ratio():
+    assert class_weights(np.array([0] * 30 + [1] * 10), 2, 3.0) is None
+    weights = class_weights(np.array([0] * 90 + [1] * 10), 2, 3.0)
+    assert weights[1] / weights[0] == pytest.approx(9.0)
+
+
+RESUMABLE = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from visionroute.data.dataset import assign_splits, scan_dataset
+    from visionroute.training.engine import Preprocessing, TrainConfig, build_model, prepare_data, train
+    from visionroute.training.recipes import SCRATCH
+
+    npz, folder, pause = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "pause"
+    dataset = assign_splits(scan_dataset(npz), seed=0)
+    model = build_model("resnet18_small", 2, in_chans=1, input_size=28)
+    prep = Preprocessing.for_model(model, "resnet18_small", dataset.classes, 1, 28)
+    data = prepare_data(dataset, prep, cache_root=folder / "cache")
+
+    def on_epoch(record):
+        print("EPOCH", record["epoch"], flush=True)
+        if pause and record["epoch"] == 2:
+            (folder / "at-epoch-2").touch()
+            import time; time.sleep(600)  # killed here, after epoch 2's checkpoint
+
+    config = TrainConfig.from_recipe(
+        SCRATCH, "resnet18_small", max_epochs=4, budget_seconds=600, batch_size=16, patience=99,
+        checkpoint_dir=folder / "ckpt", resume_key="same-run",
+    )
+    result = train(config, model, data, on_epoch=on_epoch)
+    print("RESUMED", result.resumed_from_epoch, flush=True)
+    print("LOSSES", [round(h["train_loss"], 5) for h in result.history], flush=True)
+    print("ACCURACY", result.test["accuracy"], flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_kill_9_mid_training_then_the_same_run_resumes_and_ends_where_it_would_have(tmp_path):
+    npz = grey_npz(tmp_path / "grey.npz", count=48)
+    script = tmp_path / "resumable.py"
+    script.write_text(RESUMABLE)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VISIONROUTE_NO_BAR": "1"}
+
+    def run(folder, mode):
+        folder.mkdir(exist_ok=True)
+        return subprocess.Popen(
+            [sys.executable, str(script), str(npz), str(folder), mode],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    straight = run(tmp_path / "straight", "go").communicate(timeout=600)[0]
+    victim = run(tmp_path / "crash", "pause")
+    deadline = time.time() + 600
+    while not (tmp_path / "crash" / "at-epoch-2").exists():
+        assert victim.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.2)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    resumed = run(tmp_path / "crash", "go").communicate(timeout=600)[0]
+
+    def figure(output, key):
+        return next(line.split(" ", 1)[1] for line in output.splitlines() if line.startswith(key))
+
+    assert figure(straight, "RESUMED") == "0"
+    assert figure(resumed, "RESUMED") == "2", resumed
+    assert "EPOCH 1" not in resumed and "EPOCH 3" in resumed  # epochs 1-2 were not trained again
+    # Same seeds, same RNG states restored: the resumed run ends where the uninterrupted one did.
+    straight_losses, resumed_losses = eval(figure(straight, "LOSSES")), eval(figure(resumed, "LOSSES"))
+    np.testing.assert_allclose(resumed_losses, straight_losses, rtol=1e-3)
+    assert abs(float(figure(resumed, "ACCURACY")) - float(figure(straight, "ACCURACY"))) <= 0.1
+
+
+def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path):
+    dataset = assign_splits(scan_dataset(grey_npz(tmp_path / "g.npz", count=24)), seed=0)
+    model = build_model("resnet18_small", 2, in_chans=1, input_size=28)
+    prep = Preprocessing.for_model(model, "resnet18_small", dataset.classes, 1, 28)
+    data = prepare_data(dataset, prep)
+    base = dict(max_epochs=1, budget_seconds=60, batch_size=8, checkpoint_dir=tmp_path / "ck")
+    train(TrainConfig.from_recipe(SCRATCH, "resnet18_small", resume_key="a", **base), model, data)
+    other = train(TrainConfig.from_recipe(SCRATCH, "resnet18_small", resume_key="b", **base), model, data)
+    assert other.resumed_from_epoch == 0
 
 
 def test_metrics_and_confusion_matrix(tmp_path):
@@ -70,3 +295,13 @@ def test_metrics_and_confusion_matrix(tmp_path):
     assert np.array(report["confusion_matrix"]).tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
     png = plot_confusion_matrix(report["confusion_matrix"], ["a", "b", "c"], tmp_path / "cm.png", "test")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_auc_and_threshold():
+    assert roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
+    assert roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]) == 1.0
+    assert roc_auc([1, 1], [0.1, 0.2]) is None
+    # Positives score 0.3-0.4, negatives 0.1-0.2: argmax (0.5) calls everything negative, the chosen
+    # threshold separates them.
+    threshold = binary_threshold([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4])
+    assert 0.2 < threshold <= 0.3

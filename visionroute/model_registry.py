@@ -22,7 +22,8 @@ import torch
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
-from visionroute.training.engine import Preprocessing, evaluate, preprocessing_dict
+from visionroute.training.engine import evaluate
+from visionroute.training.preprocessing import Preprocessing
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -50,12 +51,12 @@ def log_model(run_id: str, model: torch.nn.Module, prep: Preprocessing) -> str:
     model = model.cpu().eval()
     # Saved as pt2 (torch.export, MLflow's default: loading runs no pickled code). A batch of 2 in the
     # example keeps the batch dimension dynamic; with 1 the export specialises it to 1.
-    example = np.zeros((2, 3, prep.input_size, prep.input_size), dtype=np.float32)
+    example = np.zeros((2, prep.channels, prep.input_size, prep.input_size), dtype=np.float32)
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
     with tempfile.TemporaryDirectory() as folder:
         prep_file = Path(folder) / "preprocessing.json"
-        prep_file.write_text(json.dumps(preprocessing_dict(prep), indent=2))
+        prep_file.write_text(json.dumps(prep.to_dict(), indent=2))
         # mlflow.pytorch.log_model attaches to the active run; it is entered here, in this thread, by id.
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pytorch.log_model(
@@ -65,7 +66,7 @@ def log_model(run_id: str, model: torch.nn.Module, prep: Preprocessing) -> str:
                 input_example=example,
                 pip_requirements=_pip_requirements(),
                 extra_files=[str(prep_file)],
-                metadata={"preprocessing": preprocessing_dict(prep)},
+                metadata={"preprocessing": prep.to_dict()},
                 serialization_format="pt2",
             )
     return info.model_uri
@@ -74,13 +75,11 @@ def log_model(run_id: str, model: torch.nn.Module, prep: Preprocessing) -> str:
 def load_preprocessing(model_uri: str) -> Preprocessing:
     """The preprocessing a registered model was trained with."""
     folder = mlflow.artifacts.download_artifacts(f"{model_uri}/extra_files/preprocessing.json")
-    data = json.loads(Path(folder).read_text())
-    data["mean"], data["std"] = tuple(data["mean"]), tuple(data["std"])
-    return Preprocessing(**data)
+    return Preprocessing.from_dict(json.loads(Path(folder).read_text()))
 
 
 TestSet = Callable[[Preprocessing], tuple[torch.Tensor, torch.Tensor]]
-"""Builds this run's test split (uint8 crops, labels) at a given model's preprocessing."""
+"""Builds this run's test split (stored uint8 squares, labels) at a given model's preprocessing."""
 
 
 def _champion_on_split(client: MlflowClient, name: str, classes: list[str], test_set: TestSet) -> dict | None:

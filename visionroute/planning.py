@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from visionroute.data.dataset import DatasetError, ImageDataset, assign_splits, scan_dataset
+from visionroute.data.dataset import DatasetError, ImageDataset, assign_splits, native_shape, scan_dataset
 from visionroute.data.images import IMAGE_SUFFIXES
 from visionroute.data.validation import ValidationReport, remove_leakage, validate
 from visionroute.decision.costs import load_prices
@@ -32,7 +32,15 @@ def read_data(spec: TaskSpec) -> tuple[ImageDataset | None, DataSummary]:
         return None, DataSummary(labeled_examples=0)
     dataset = scan_dataset(data.path, spec.classes)
     # The folder is the truth; a different declared figure becomes a warning in `plan`.
-    return dataset, DataSummary(labeled_examples=len(dataset.samples), per_class=dataset.per_class())
+    return dataset, _summary(dataset)
+
+
+def _summary(dataset: ImageDataset) -> DataSummary:
+    return DataSummary(
+        labeled_examples=len(dataset.samples),
+        per_class=dataset.per_class(),
+        native_size=native_shape(dataset)[1],
+    )
 
 
 def _unlabelled(path: Path) -> bool:
@@ -61,14 +69,15 @@ def plan(
     if dataset is not None and check_images:
         dataset, report = validate(dataset)
         dataset = remove_leakage(assign_splits(dataset, seed=spec.training.seed), report)
-        summary = DataSummary(labeled_examples=len(dataset.samples), per_class=dataset.per_class())
+        summary = _summary(dataset)
     wants_measure = spec.domain == Domain.auto or measure_domain or check_images
     if dataset is not None and not spec.is_generic and wants_measure and len(dataset.classes) >= 2:
         from visionroute.data.domain import measure_domain as measure
 
         measured = measure(dataset, seed=spec.training.seed).to_dict()
-        summary = DataSummary(summary.labeled_examples, summary.per_class, measured)
-    decision = decide(spec, summary, load_prices(prices_path))
+        summary = replace(summary, domain_measurement=measured)
+    # The flow trains on this machine: its decision picks the model for this device (`decide` plans for a GPU).
+    decision = decide(spec, summary, load_prices(prices_path), gpu=_has_gpu() if check_images else True)
     if report is not None:
         decision.warnings += report.warnings
     if (
@@ -89,3 +98,9 @@ def plan(
 
 
 __all__ = ["DatasetError", "Plan", "plan", "read_data"]
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

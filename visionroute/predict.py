@@ -43,11 +43,12 @@ def predict_paths(
         if not pending:
             return
         with torch.no_grad():
-            probabilities = model(torch.cat([x for _, x in pending])).softmax(-1)
-        for (row, _), p in zip(pending, probabilities, strict=True):
+            logits = model(torch.cat([x for _, x in pending]))
+        probabilities, labels = logits.softmax(-1), prep.decide(logits)  # the validation-chosen threshold too
+        for (row, _), p, label in zip(pending, probabilities, labels, strict=True):
             scores, indices = p.topk(min(top_k, len(prep.classes)))
-            row["label"] = prep.classes[int(indices[0])]
-            row["score"] = round(float(scores[0]), 6)
+            row["label"] = prep.classes[int(label)]
+            row["score"] = round(float(p[int(label)]), 6)
             row["top_k"] = [
                 {"label": prep.classes[int(i)], "score": round(float(s), 6)}
                 for s, i in zip(scores, indices, strict=True)

@@ -108,6 +108,17 @@ class ImageDataset:
         }
 
 
+GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
+
+
+def native_shape(dataset: ImageDataset) -> tuple[int, int]:
+    """(channels, median short side in px) of the dataset's images from their headers: 1 channel when every
+    image is greyscale, so that grey data trains as grey instead of three identical channels."""
+    sides = [min(s.size) for s in dataset.samples if s.size[0]]
+    grey = bool(dataset.samples) and all(s.mode in GREY_MODES for s in dataset.samples)
+    return (1 if grey else 3), (int(np.median(sides)) if sides else 0)
+
+
 def _spread(values: list[int]) -> dict | None:
     if not values:
         return None

@@ -138,11 +138,9 @@ def measure_domain(
     torch.manual_seed(seed)
     random_init = build_model(model_name, 2)
     prep = Preprocessing.for_model(pretrained, model_name, dataset.classes)
-    crops, _ = decode_all(
-        sample, lambda image: prep.center_crop_uint8(prep.resize_short(image)), progress=progress
-    )
+    crops, _ = decode_all(sample, prep.to_stored, progress=progress)
     kept = [s for s in sample.samples if s.ref in crops]
-    x = torch.stack([crops[s.ref] for s in kept])
+    x = np.stack([crops[s.ref] for s in kept])
     labels = np.array([s.label for s in kept])
     device = pick_device()
     scores = {}

@@ -39,6 +39,8 @@ class DataSummary:
     per_class: dict[str, int] | None = None
     domain_measurement: dict | None = None
     """From visionroute.data.domain: at least `far` (bool) and `sentence` (for the reasons)."""
+    native_size: int = 0
+    """Median short side of the images in px (0: unknown); 28-64 px data trains natively on a small-input CNN."""
 
 
 @dataclass
@@ -71,14 +73,16 @@ class _Verdict:
     warnings: list[str] = field(default_factory=list)
 
 
-def _models(spec: TaskSpec, examples: int) -> tuple[str, str]:
-    """(finetune model, scratch model) as priced: the named one, else the auto choice on a GPU."""
+def _models(spec: TaskSpec, examples: int, native_size: int, gpu: bool) -> tuple[str, str]:
+    """(finetune model, scratch model): the named one, else the auto choice for the device that will train.
+    This is the model the training route trains (it is priced and trained from one choice)."""
     if spec.training.model != "auto":
         return spec.training.model, spec.training.model
     budget = spec.training.budget_minutes
+    hub = False  # nothing is downloaded at run time unless VISIONROUTE_ALLOW_HUB: price what can be trained
     return (
-        choose_model("finetune", examples, budget, gpu=True, hub=True),
-        choose_model("scratch", examples, budget, gpu=True, hub=True),
+        choose_model("finetune", examples, budget, gpu=gpu, hub=hub, native_size=native_size),
+        choose_model("scratch", examples, budget, gpu=gpu, hub=hub, native_size=native_size),
     )
 
 
@@ -450,15 +454,19 @@ def decide(
     summary: DataSummary | None = None,
     prices: Prices | None = None,
     policy: Policy = DEFAULT_POLICY,
+    *,
+    gpu: bool = True,
 ) -> Decision:
-    """Choose the route for `spec`. Raises CannotDecide when no route can serve it."""
+    """Choose the route for `spec`. Raises CannotDecide when no route can serve it.
+
+    `gpu`: whether the training will run on a GPU (the flow knows; `visionroute decide` plans for one)."""
     from visionroute.decision.costs import load_prices  # reads the bundled file once, then cached
 
     prices = prices or load_prices()
     declared = spec.data.labeled_examples if spec.data else None
     summary = summary or DataSummary(labeled_examples=declared or 0)
     examples = summary.labeled_examples
-    finetune_model, scratch_model = _models(spec, examples)
+    finetune_model, scratch_model = _models(spec, examples, summary.native_size, gpu)
     costs = route_costs(
         prices,
         spec.task,

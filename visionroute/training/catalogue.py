@@ -23,6 +23,8 @@ class CatalogueEntry:
     t4_train_images_per_s: float
     t4_infer_images_per_s: float
     cpu_train_images_per_s: float
+    small_input: bool = False
+    """A CIFAR-style stem (3x3 stride 1, no max-pool) for 28-64 px images trained at their native size."""
 
 
 CATALOGUE: dict[str, CatalogueEntry] = {
@@ -34,6 +36,9 @@ CATALOGUE: dict[str, CatalogueEntry] = {
         CatalogueEntry("efficientnet_b0", 224, 5.3, None, 550, 2100, 7),
         CatalogueEntry("resnet18", 224, 11.7, None, 1100, 3600, 10),
         CatalogueEntry("resnet50", 224, 25.6, None, 380, 1250, 3),
+        # Planning rates at 28 px (the stem keeps full resolution into layer1: a quarter of resnet18's work
+        # at 224); measured on the H200 and 2 CPU cores in bench/gpu_train.py and bench/scratch.py.
+        CatalogueEntry("resnet18_small", 28, 11.2, None, 4400, 14000, 60, small_input=True),
     )
 }
 
@@ -49,7 +54,9 @@ def catalogue_entry(name: str) -> CatalogueEntry:
         raise ValueError(f"model {name!r} is not in the catalogue; use one of: {known}, or auto") from None
 
 
-def choose_model(route: str, labeled_examples: int, budget_minutes: float, *, gpu: bool, hub: bool) -> str:
+def choose_model(
+    route: str, labeled_examples: int, budget_minutes: float, *, gpu: bool, hub: bool, native_size: int = 0
+) -> str:
     """Pick the largest catalogue model whose planned training fits the budget.
 
     Fine-tuning needs pretrained weights, so without the hub only models with offline weights qualify.
@@ -60,6 +67,8 @@ def choose_model(route: str, labeled_examples: int, budget_minutes: float, *, gp
         ladder = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]
         if hub and labeled_examples >= 10_000:
             ladder += ["resnet50"]
+    elif small_input_model(native_size):
+        return "resnet18_small"  # upscaling 28 px to 224 costs 64x the pixels for no gain
     else:
         ladder = ["resnet18"] + (["resnet50"] if labeled_examples >= 100_000 else [])
     # At least 3 epochs must fit in 80% of the budget (the rest is decoding, evaluation and logging).
@@ -69,3 +78,11 @@ def choose_model(route: str, labeled_examples: int, budget_minutes: float, *, gp
         if 3 * labeled_examples / rate <= 0.8 * budget_minutes * 60:
             return name
     return ladder[0]
+
+
+SMALL_INPUT_MAX = 64
+"""Images whose short side is at most this train natively on a small-input model, not upscaled."""
+
+
+def small_input_model(native_size: int) -> bool:
+    return 0 < native_size <= SMALL_INPUT_MAX

