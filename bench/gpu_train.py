@@ -135,6 +135,7 @@ def engine_case(
         "raw_images_per_s": round(raw, 1),
         "ratio": round(result.train_images_per_s / raw, 3),
         "warmup_seconds": round(result.warmup_seconds, 2),
+        "epoch_train_seconds": [h["train_seconds"] for h in result.history],
         "epochs": len(result.history),
         "test_accuracy": round(result.test["accuracy"], 4),
         "gpu_peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)

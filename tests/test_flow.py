@@ -6,9 +6,11 @@ import asyncio
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import make_dataset, make_image, write_spec
 from mlflow.tracking import MlflowClient
+from PIL import Image
 from prefect.testing.utilities import prefect_test_harness
 from visionroute.flows.route import route_image_task
 
@@ -173,3 +175,57 @@ def test_a_route_that_cannot_run_fails_clearly_and_leaves_a_failed_parent_run(tm
 
     assert main(["run", str(spec)]) == 2
     assert "set vision_api.input" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_scratch_on_grey_28px_data_trains_natively_and_registers_a_champion(tmp_path):
+    from test_engine import grey_npz
+
+    from visionroute.model_registry import load_preprocessing
+
+    grey_npz(tmp_path / "returns.npz", count=60)
+    spec = write_spec(
+        tmp_path / "radar.yaml",
+        """
+name: radar-returns
+task: classify
+classes: [clutter, target]
+data: {path: ./returns.npz}
+domain: radar
+route: scratch
+constraints: {external_api_allowed: false}
+training: {epochs: 2, budget_minutes: 2}
+""",
+    )
+    outcome = route_image_task(str(spec))
+    decision, result = outcome["decision"], outcome["result"]
+    assert decision["route"] == "scratch" and decision["model"] == "resnet18_small"
+    client = MlflowClient(tracking.tracking_uri())
+    child = client.get_run(result["run_id"])
+    assert child.data.params["model"] == "resnet18_small"  # the model the decision named is the one trained
+    assert child.data.params["channels"] == "1" and child.data.params["input_size"] == "28"
+    assert child.data.params["stored_size"] == "28"
+    assert "test_auc" in child.data.metrics and "decision_threshold" in child.data.metrics
+    assert child.data.tags["visionroute.decoded_cache"].startswith("built")
+    assert str(client.get_model_version_by_alias("radar-returns", "champion").version) == "1"
+    prep = load_preprocessing("models:/radar-returns@champion")
+    assert (prep.channels, prep.input_size, prep.classes) == (1, 28, ["clutter", "target"])
+
+    # The registered model takes grey 28 px images as they come, through predict.
+    (tmp_path / "new").mkdir()
+    blob = np.full((28, 28), 30, dtype=np.uint8)
+    blob[8:20, 8:20] = 200
+    Image.fromarray(blob).save(tmp_path / "new" / "t.png")
+    out = tmp_path / "preds.jsonl"
+    assert (
+        main(
+            ["predict", "--model", "models:/radar-returns@champion", str(tmp_path / "new"), "--out", str(out)]
+        )
+        == 0
+    )
+    assert json.loads(out.read_text())["label"] in ("clutter", "target")
+
+    # The same task again reuses the decoded cache and is compared with the champion on the same split.
+    again = route_image_task(str(spec))["result"]
+    assert client.get_run(again["run_id"]).data.tags["visionroute.decoded_cache"] == "reused"
+    assert client.get_model_version("radar-returns", again["model_version"]).tags["compared_with"] == "v1"

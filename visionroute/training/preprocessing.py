@@ -93,7 +93,7 @@ class Preprocessing:
                 image = image.resize((width, height), Image.BICUBIC, reducing_gap=3.0)
             left, top = (image.width - side) // 2, (image.height - side) // 2
             image = image.crop((left, top, left + side, top + side))
-        array = np.asarray(image, dtype=np.uint8)
+        array = np.array(image, dtype=np.uint8)  # a copy: writable, so torch can wrap it
         return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
     def normalise(self, batch: torch.Tensor) -> torch.Tensor:

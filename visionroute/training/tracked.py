@@ -169,7 +169,7 @@ def run_training_route(
 
         def test_set(champion_prep: Preprocessing) -> tuple[torch.Tensor, torch.Tensor]:
             if (champion_prep.store_side, champion_prep.channels) == (prep.store_side, prep.channels):
-                return torch.from_numpy(data.test.x[:]), torch.from_numpy(data.test.y)
+                return torch.from_numpy(np.array(data.test.x)), torch.from_numpy(data.test.y)
             samples = [s for s in dataset.split("test") if s.ref not in data.rejected]
             stored = [champion_prep.to_stored(dataset.load(s)) for s in samples]
             return torch.from_numpy(np.stack(stored)), torch.tensor([s.label for s in samples])
