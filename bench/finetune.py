@@ -20,14 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from visionroute.data.dataset import assign_splits, scan_dataset
-from visionroute.training.engine import (
-    Preprocessing,
-    TrainConfig,
-    _set_bn_eval,
-    build_model,
-    prepare_data,
-    train,
-)
+from visionroute.training.engine import TrainConfig, _set_bn_eval, build_model, prepare_data, train
+from visionroute.training.preprocessing import Preprocessing
+from visionroute.training.recipes import FINETUNE
 from visionroute.training.weights import load_pretrained, resolve_pretrained
 
 
@@ -71,7 +66,8 @@ def main() -> None:
     load_pretrained(model, resolve_pretrained(args.model, model), len(dataset.classes))
     prep = Preprocessing.for_model(model, args.model, dataset.classes)
     data = prepare_data(dataset, prep)
-    config = TrainConfig(
+    config = TrainConfig.from_recipe(
+        FINETUNE,
         args.model,
         max_epochs=args.epochs,
         batch_size=batch,
@@ -94,11 +90,12 @@ def main() -> None:
         "train_images_per_s_median_step": round(engine_rate, 2),
         "raw_images_per_s_median_step": round(raw, 2),
         "throughput_ratio": round(engine_rate / raw, 3),
-        "first_step_seconds": round(result.first_step_seconds, 2),
+        "warmup_seconds": round(result.warmup_seconds, 2),
         "batch": batch,
         "input_size": prep.input_size,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "skipped": len(dataset.skipped) + len(data.rejected),
+        "decode_seconds": round(data.build_seconds, 1),
         "torch_threads": torch.get_num_threads(),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
     }
