@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from visionroute.backends.base import BackendContext, BackendResult, register_backend
 
 from visionroute.data.dataset import native_shape
+from visionroute.training import distributed
 from visionroute.training.catalogue import catalogue_entry
 from visionroute.training.engine import TrainConfig, build_model
 from visionroute.training.recipes import FINETUNE, SCRATCH, Recipe
-from visionroute.training.tracked import model_for, run_training_route
+from visionroute.training.tracked import follow_training_route, model_for, run_training_route
 from visionroute.training.weights import hub_allowed, resolve_pretrained
 
 
@@ -50,9 +51,9 @@ class TrainingBackend:
             budget_seconds=spec.training.budget_minutes * 60,
             seed=spec.training.seed,
         )
-        return run_training_route(
-            context, recipe.name, config, model, weights, channels=channels, native_size=native
-        )
+        # Under torchrun every rank trains; rank 0 alone tracks, checkpoints and registers.
+        route = run_training_route if distributed.is_main() else follow_training_route
+        return route(context, recipe.name, config, model, weights, channels=channels, native_size=native)
 
 
 @register_backend("finetune")

@@ -53,6 +53,26 @@ def _run(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    """torchrun with this task: N processes per node, DDP (NCCL on GPUs, gloo on CPUs); rank 0 tracks."""
+    import subprocess
+
+    from visionroute.spec import load_spec
+
+    load_spec(args.spec)  # a bad spec fails here, once, not in N processes
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}"]
+    command += [f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}"]
+    if args.rdzv_endpoint:
+        command += [f"--rdzv-endpoint={args.rdzv_endpoint}", f"--rdzv-backend={args.rdzv_backend}"]
+        command += [f"--rdzv-id={args.rdzv_id}"]
+    else:
+        command += ["--standalone"]
+    command += ["-m", "visionroute.training.launch", args.spec]
+    if args.prices:
+        command += ["--prices", args.prices]
+    return subprocess.call(command)
+
+
 def _predict(args) -> int:
     from visionroute.predict import predict_paths
 
@@ -126,6 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("spec")
     run.add_argument("--prices")
     run.set_defaults(handler=_run)
+
+    train = commands.add_parser(
+        "train",
+        help="run a training task on several processes/GPUs through torchrun (DDP); rank 0 tracks and registers",
+    )
+    train.add_argument("spec")
+    train.add_argument("--prices", help="price file (default: the bundled one)")
+    train.add_argument("--nproc-per-node", type=int, default=1, help="processes per node (one per GPU)")
+    train.add_argument("--nnodes", default="1", help="nodes, or MIN:MAX (torchrun --nnodes)")
+    train.add_argument("--node-rank", type=int, default=0, help="this node's rank (static rendezvous)")
+    train.add_argument(
+        "--rdzv-endpoint", help="host:port of the rendezvous (multi-node; torchrun --rdzv-endpoint)"
+    )
+    train.add_argument("--rdzv-backend", default="c10d", help="torchrun --rdzv-backend")
+    train.add_argument("--rdzv-id", default="visionroute", help="torchrun --rdzv-id: the same on every node")
+    train.set_defaults(handler=_train)
 
     predict = commands.add_parser("predict", help="label images with a registered model")
     predict.add_argument("--model", required=True, help="e.g. models:/ants-vs-bees@champion")

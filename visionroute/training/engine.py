@@ -31,6 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from visionroute.data.dataset import ImageDataset
+from visionroute.training import distributed
 from visionroute.training.augment import Augmentation, augment_batch
 from visionroute.training.cache import DecodedData, decode_to_cache
 from visionroute.training.catalogue import catalogue_entry
@@ -123,6 +124,9 @@ class TrainResult:
     class_weights: list[float] | None = None
 
 
+STOPS = ("max_epochs", "early_stopping", "budget")
+"""Why training ended (TrainResult.stopped)."""
+
 WARMUP_STEPS = {"cuda": 3, "cpu": 1}
 """Steps that pay one-off set-up (cuDNN autotuning, allocator growth, compilation): timed apart, and not
 counted as the epoch's time by the budget planner (on a GPU they took 25 s of a 45 s budget)."""
@@ -135,7 +139,8 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's device: under torchrun, the GPU of its local rank."""
+    return distributed.device()
 
 
 def default_batch_size(device: torch.device, prep: Preprocessing) -> int:
@@ -507,7 +512,8 @@ def train(
         selection.keep(model)
 
     optimiser = _make_optimizer(config, model, device)
-    feed = BatchFeed(data.train, batch_size, device)
+    world, rank = distributed.world_size(), distributed.rank()
+    feed = BatchFeed(data.train, batch_size, device, rank=rank, world=world)
     steps_per_epoch = max(1, feed.steps())
     weights = class_weights(data.train.y, num_classes, config.class_weighted_above)
     result.class_weights = weights.tolist() if weights is not None else None
@@ -540,6 +546,13 @@ def train(
         budget.epoch_seconds = resumed["epoch_seconds"]
         print(f"resumed from epoch {epoch} ({checkpoint.folder / 'last.pt'})", flush=True)
 
+    if world > 1:
+        # Wrapped after any resume: DDP copies rank 0's weights to every rank and averages gradients.
+        from torch.nn.parallel import DistributedDataParallel
+
+        trainable = DistributedDataParallel(
+            trainable, device_ids=[device.index] if device.type == "cuda" else None
+        )
     train_seconds, trained_images = 0.0, 0
     result.stopped = "max_epochs"
     while epoch < plan["epochs"]:
@@ -559,7 +572,10 @@ def train(
             augment_generator,
             loss_weights,
             WARMUP_STEPS[device.type] if epoch == result.resumed_from_epoch + 1 else 0,
-            started + config.budget_seconds - (budget.test_reserve if epoch > 1 else 0.0),
+            # Under DDP the budget is checked between epochs only: a per-step agreement would stall every step.
+            math.inf
+            if world > 1
+            else started + config.budget_seconds - (budget.test_reserve if epoch > 1 else 0.0),
             f"epoch {epoch}/{plan['epochs']}",
         )
         result.warmup_seconds += stats.warmup_seconds
@@ -582,7 +598,7 @@ def train(
         record = {
             "epoch": epoch,
             "epochs": plan["epochs"],
-            "train_loss": stats.loss,
+            "train_loss": distributed.mean(stats.loss, device),
             "val_accuracy": val_accuracy,
             "val_loss": val_loss,
             "seconds": round(stats.seconds + eval_seconds, 2),
@@ -602,7 +618,12 @@ def train(
             result.stopped = "budget"
         elif epoch + budget.epochs_that_fit() < plan["epochs"]:
             plan["epochs"] = epoch + budget.epochs_that_fit()
-        if checkpoint:
+        # Every rank follows rank 0's decision, so none waits in a collective the others have left.
+        code, plan["epochs"] = distributed.broadcast_ints(
+            [STOPS.index(result.stopped), plan["epochs"]], device
+        )
+        result.stopped = STOPS[code]
+        if checkpoint and distributed.is_main():
             checkpoint.save(
                 {
                     "resume_key": config.resume_key,
@@ -635,7 +656,8 @@ def train(
         val_scores = predict_logits(model, data.val.x, prep, device).softmax(1)[:, 1].numpy()
         prep = replace(prep, threshold=binary_threshold(data.val.y, val_scores))
         result.preprocessing = prep
-    result.test = evaluate(model, data.test.x, data.test.y, prep, device)
+    if distributed.is_main():  # the other ranks' model is the same: rank 0 evaluates and registers it
+        result.test = evaluate(model, data.test.x, data.test.y, prep, device)
     result.seconds = time.perf_counter() - started
     model.cpu().eval()
     return result

@@ -22,8 +22,20 @@ GPU_RESIDENT_FRACTION = 0.3
 
 
 class BatchFeed:
-    def __init__(self, split: SplitArrays, batch_size: int, device: torch.device, prefetch: int = 3):
+    """`batch_size` is the global batch: under data parallelism each of `world` ranks takes every world-th
+    image of it, so that N processes step exactly as one process with the whole batch would."""
+
+    def __init__(
+        self,
+        split: SplitArrays,
+        batch_size: int,
+        device: torch.device,
+        prefetch: int = 3,
+        rank: int = 0,
+        world: int = 1,
+    ):
         self.split, self.batch_size, self.device, self.prefetch = split, batch_size, device, prefetch
+        self.rank, self.world = rank, world
         self.labels = torch.from_numpy(np.asarray(split.y, dtype=np.int64))
         self.resident: torch.Tensor | None = None
         if (
@@ -47,7 +59,7 @@ class BatchFeed:
         reshuffled each epoch, so every image is still seen) and anywhere when it holds one image (BatchNorm
         cannot train on it)."""
         full, rest = divmod(len(self.split), self.batch_size)
-        keep_rest = rest > 1 and (self.device.type != "cuda" or full == 0)
+        keep_rest = rest > self.world and (self.device.type != "cuda" or full == 0) and self.world == 1
         return full + (1 if keep_rest else 0)
 
     def epoch(self, order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -55,7 +67,10 @@ class BatchFeed:
         if self.resident is not None:
             # One copy of the order per epoch: a pageable copy per batch would synchronise every step.
             order = order.to(self.device)
-        batches = [order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(self.steps())]
+        batches = [
+            order[i * self.batch_size : (i + 1) * self.batch_size][self.rank :: self.world]
+            for i in range(self.steps())
+        ]
         if self.resident is not None:
             for ids in batches:
                 yield self.resident.index_select(0, ids), self.labels.index_select(0, ids)

@@ -15,6 +15,7 @@ import torch
 from visionroute import model_registry, tracking
 from visionroute.backends.base import BackendContext, BackendResult, BackendUnavailable
 from visionroute.data.dataset import DatasetError, assign_splits
+from visionroute.training import distributed
 from visionroute.training.cache import cache_key
 from visionroute.training.catalogue import catalogue_entry, choose_model
 from visionroute.training.engine import TrainConfig, pick_device, prepare_data, train
@@ -210,6 +211,33 @@ def run_training_route(
         model_version=registration.version,
         promoted=registration.promoted,
         summary=text,
+    )
+
+
+def follow_training_route(
+    context: BackendContext,
+    route: str,
+    config: TrainConfig,
+    model: torch.nn.Module,
+    weights: PretrainedWeights | None,
+    channels: int = 3,
+    native_size: int = 0,
+) -> BackendResult:
+    """A data-parallel rank other than 0: the same data, split, model and checkpoint folder as rank 0's
+    `run_training_route`, trained in step with it, with nothing logged or registered."""
+    spec = context.spec
+    dataset = assign_splits(context.dataset, seed=config.seed)
+    if weights is not None:
+        load_pretrained(model, weights, len(dataset.classes))
+    prep = Preprocessing.for_model(model, config.model_name, dataset.classes, channels, native_size)
+    data = prepare_data(
+        dataset, prep, workers=config.decode_workers, cache_root=tracking.state_dir() / "cache" / "decoded"
+    )
+    config.resume_key = _resume_key(spec, dataset, prep, config)
+    config.checkpoint_dir = tracking.state_dir() / "checkpoints" / spec.name / config.resume_key
+    train(config, model, data)
+    return BackendResult(
+        route=route, run_id=None, summary=f"{route}: rank {distributed.rank()} trained alongside rank 0"
     )
 
 
