@@ -124,3 +124,60 @@ training: {epochs: 2, budget_minutes: 3}
     assert len(client.search_model_versions("name='radar-ddp'")) == 1
     runs = client.search_runs([client.get_experiment_by_name("radar-ddp").experiment_id])
     assert sorted(run.info.status for run in runs) == ["FINISHED", "FINISHED"]  # parent and training run only
+
+
+def test_kill_9_mid_training_then_the_same_visionroute_run_resumes_from_the_checkpoint(tmp_path):
+    import signal
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    grey_npz(tmp_path / "returns.npz", count=64)
+    spec = write_spec(
+        tmp_path / "radar.yaml",
+        """
+name: radar-resume
+task: classify
+data: {path: ./returns.npz}
+domain: radar
+route: scratch
+constraints: {external_api_allowed: false}
+training: {epochs: 5, budget_minutes: 10}
+""",
+    )
+    state = tmp_path / "state"
+    env = {
+        **os.environ,
+        "VISIONROUTE_STATE": str(state),
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "VISIONROUTE_NO_BAR": "1",
+    }
+    env.pop("PREFECT_API_URL", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    command = [sys.executable, "-m", "visionroute.cli", "run", str(spec)]
+    victim = subprocess.Popen(
+        command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 600
+    checkpoints = state / "checkpoints" / "radar-resume"
+    while not list(checkpoints.glob("*/last.pt")):
+        assert victim.poll() is None and time.time() < deadline, (
+            "the run ended before an epoch was checkpointed"
+        )
+        time.sleep(0.1)
+    os.kill(victim.pid, signal.SIGKILL)  # last.pt is replaced atomically: a complete checkpoint is there
+    victim.wait()
+
+    again = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from epoch" in again.stdout + again.stderr
+    client = MlflowClient(f"sqlite:///{state / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("radar-resume").experiment_id
+    finished = [r for r in client.search_runs([experiment]) if r.info.status == "FINISHED"]
+    training = [
+        r for r in finished if r.data.tags.get("visionroute.route") == "scratch" and "model" in r.data.params
+    ]
+    assert len(training) == 1
+    assert int(training[0].data.tags["visionroute.resumed_from_epoch"]) >= 1
+    assert str(client.get_model_version_by_alias("radar-resume", "champion").version) == "1"
