@@ -229,3 +229,30 @@ training: {epochs: 2, budget_minutes: 2}
     again = route_image_task(str(spec))["result"]
     assert client.get_run(again["run_id"]).data.tags["visionroute.decoded_cache"] == "reused"
     assert client.get_model_version("radar-returns", again["model_version"]).tags["compared_with"] == "v1"
+
+
+@pytest.mark.slow
+def test_bakeoff_trains_both_routes_on_one_split_and_the_better_is_champion(task_spec):
+    from visionroute.flows.bakeoff import bakeoff
+
+    outcome = bakeoff(str(task_spec), "finetune,scratch")
+    rows = {row["route"]: row for row in outcome["rows"]}
+    assert set(rows) == {"finetune", "scratch"} and outcome["framework_choice"] == "finetune"
+    assert rows["finetune"]["framework_choice"] and not rows["scratch"]["framework_choice"]
+    client = MlflowClient(tracking.tracking_uri())
+    versions = client.search_model_versions("name='colours'")
+    assert len(versions) == 2  # both registered
+    champion = client.get_model_version_by_alias("colours", "champion")
+    best = max(rows.values(), key=lambda row: (row["test_accuracy"], -row["train_seconds"]))
+    assert str(champion.version) == str(best["version"])
+    for version in versions:  # every comparison recorded on the version
+        assert version.tags["promoted"] in ("true", "false") and version.tags["test_split_sha"]
+    assert len({version.tags["test_split_sha"] for version in versions}) == 1  # the same split for both
+    parent = client.get_run(outcome["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["visionroute.bakeoff"] == "finetune,scratch"
+    assert {"bakeoff.json", "bakeoff.png", "decision.json"} <= artifacts(client, parent.info.run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert sorted(run.data.tags["visionroute.route"] for run in children) == ["finetune", "scratch"]
+    assert "framework chose finetune" in prefect_artifact("colours-bakeoff")[0].description

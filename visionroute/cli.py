@@ -73,6 +73,19 @@ def _train(args) -> int:
     return subprocess.call(command)
 
 
+def _bakeoff(args) -> int:
+    from visionroute.flows.bakeoff import bakeoff
+
+    outcome = bakeoff(args.spec, args.routes, args.prices)
+    for row in outcome["rows"]:
+        print(
+            f"{row['route']:<9} {row['model']:<24} test accuracy {row['test_accuracy']:.4f}  "
+            f"v{row['version']}" + ("  champion" if row["promoted"] else "")
+        )
+    print(outcome["verdict"])
+    return 0
+
+
 def _predict(args) -> int:
     from visionroute.predict import predict_paths
 
@@ -162,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rdzv-backend", default="c10d", help="torchrun --rdzv-backend")
     train.add_argument("--rdzv-id", default="visionroute", help="torchrun --rdzv-id: the same on every node")
     train.set_defaults(handler=_train)
+
+    bake = commands.add_parser(
+        "bakeoff", help="train several routes on the same split and budget; the better becomes champion"
+    )
+    bake.add_argument("spec")
+    bake.add_argument("--routes", default="finetune,scratch", help="comma-separated training routes")
+    bake.add_argument("--prices", help="price file (default: the bundled one)")
+    bake.set_defaults(handler=_bakeoff)
 
     predict = commands.add_parser("predict", help="label images with a registered model")
     predict.add_argument("--model", required=True, help="e.g. models:/ants-vs-bees@champion")
