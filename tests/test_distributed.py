@@ -55,6 +55,39 @@ with their own statistics (SyncBatchNorm is GPU-only), and gradients are summed 
 2026-11-27: differences 0.003, 0.033, 0.055, 0.008 over 4 epochs."""
 
 
+def cli_env(tmp_path) -> tuple:
+    """A state folder and environment of this test's own for a `visionroute` child process (ephemeral Prefect)."""
+    state = tmp_path / "state"
+    env = {
+        **os.environ,
+        "VISIONROUTE_STATE": str(state),
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "VISIONROUTE_NO_BAR": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    env.pop("PREFECT_API_URL", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return state, env
+
+
+def radar_spec(tmp_path, name: str, epochs: int, count: int):
+    """A forced-scratch, far-domain task over a grey 28 px .npz."""
+    grey_npz(tmp_path / "returns.npz", count=count)
+    return write_spec(
+        tmp_path / "radar.yaml",
+        f"""
+name: {name}
+task: classify
+data: {{path: ./returns.npz}}
+domain: radar
+route: scratch
+constraints: {{external_api_allowed: false}}
+training: {{epochs: {epochs}, budget_minutes: 5}}
+""",
+    )
+
+
 def result(output: str) -> dict:
     return json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
 
@@ -91,30 +124,8 @@ def test_two_processes_follow_the_loss_curve_of_one_with_the_same_global_batch(t
 def test_visionroute_train_runs_ddp_through_torchrun_and_rank_0_registers(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    grey_npz(tmp_path / "returns.npz", count=48)
-    spec = write_spec(
-        tmp_path / "radar.yaml",
-        """
-name: radar-ddp
-task: classify
-data: {path: ./returns.npz}
-domain: radar
-route: scratch
-constraints: {external_api_allowed: false}
-training: {epochs: 2, budget_minutes: 3}
-""",
-    )
-    state = tmp_path / "state"
-    env = {
-        **os.environ,
-        "VISIONROUTE_STATE": str(state),
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-        "VISIONROUTE_NO_BAR": "1",
-        "OMP_NUM_THREADS": "1",
-    }
-    env.pop("PREFECT_API_URL", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
+    spec = radar_spec(tmp_path, "radar-ddp", epochs=2, count=48)
+    state, env = cli_env(tmp_path)
     command = [sys.executable, "-m", "visionroute.cli", "train", str(spec), "--nproc-per-node", "2"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -132,29 +143,8 @@ def test_kill_9_mid_training_then_the_same_visionroute_run_resumes_from_the_chec
 
     from mlflow.tracking import MlflowClient
 
-    grey_npz(tmp_path / "returns.npz", count=64)
-    spec = write_spec(
-        tmp_path / "radar.yaml",
-        """
-name: radar-resume
-task: classify
-data: {path: ./returns.npz}
-domain: radar
-route: scratch
-constraints: {external_api_allowed: false}
-training: {epochs: 5, budget_minutes: 10}
-""",
-    )
-    state = tmp_path / "state"
-    env = {
-        **os.environ,
-        "VISIONROUTE_STATE": str(state),
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-        "VISIONROUTE_NO_BAR": "1",
-    }
-    env.pop("PREFECT_API_URL", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
+    spec = radar_spec(tmp_path, "radar-resume", epochs=5, count=64)
+    state, env = cli_env(tmp_path)
     command = [sys.executable, "-m", "visionroute.cli", "run", str(spec)]
     victim = subprocess.Popen(
         command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
