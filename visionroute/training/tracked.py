@@ -124,6 +124,12 @@ def run_training_route(
         result = train(config, model, data, on_epoch=on_epoch)
         if result.resumed_from_epoch:
             client.set_tag(run_id, "visionroute.resumed_from_epoch", str(result.resumed_from_epoch))
+        if result.class_weights:  # the recipe weighted the loss: the data was imbalanced beyond its ratio
+            client.set_tag(
+                run_id,
+                "visionroute.class_weights",
+                json.dumps(dict(zip(classes, result.class_weights, strict=True))),
+            )
         prep = result.preprocessing
 
         test = result.test
