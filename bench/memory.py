@@ -82,7 +82,9 @@ def main() -> None:
         "target_mb": 3072,
         "run_wall_seconds": round(wall, 1),
         "write_seconds": round(written, 1),
-        "summary": next((line for line in (done.stdout + done.stderr).splitlines() if "test accuracy" in line), ""),
+        "summary": next(
+            (line for line in (done.stdout + done.stderr).splitlines() if "test accuracy" in line), ""
+        ),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d"),
     }

@@ -43,17 +43,18 @@ def _publish_quarantine(name: str, report: ValidationReport) -> None:
             description=f"Files left out of training, with the reason ({len(report.quarantined)} of "
             f"{report.checked} checked)",
         )
-    findings = [{"kind": "leaked from test (removed)", **row} for row in report.leaked_from_test]
+    leaked = "leaked from test (" + ("removed)" if report.leakage_removed else "kept, reported)")
+    findings = [{"kind": leaked, **row} for row in report.leaked_from_test]
     findings += [{"kind": "exact duplicate", **row} for group in report.exact_duplicates for row in group]
     findings += [
-        {"kind": f"near duplicate (correlation {pair['correlation']})", **pair["a"]}
+        {"kind": f"near duplicate (aligned distance {pair['distance']})", **pair["a"]}
         for pair in report.near_duplicates
     ]
     if findings:
         create_table_artifact(
             key=_key(name, "duplicates"),
             table=findings,
-            description="Duplicate and leaked images found by sha256 and dHash",
+            description="Duplicate and leaked images found by sha256 and aligned thumbnail signatures",
         )
 
 
@@ -129,7 +130,11 @@ def open_tracking(result: Plan, spec_path: str, prices_path: str | None) -> str:
         if result.validation is not None:
             tracking.log_json(client, run_id, result.validation.to_dict(), "data/validation.json")
             client.log_metric(run_id, "quarantined_files", len(result.validation.quarantined))
-            client.log_metric(run_id, "leaked_test_images_removed", len(result.validation.leaked_from_test))
+            leaked = len(result.validation.leaked_from_test)
+            client.log_metric(run_id, "leaked_test_images", leaked)
+            client.set_tag(
+                run_id, "visionroute.leakage", "removed" if result.validation.leakage_removed else "reported"
+            )
         tracking.log_json(
             client,
             run_id,

@@ -94,6 +94,16 @@ def write_spec(path: Path, text: str) -> Path:
     return path
 
 
+def bench_module(name: str):
+    """A script from bench/ as a module: tests use the calibration's own planting code and digit set."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def shared_dataset(name: str) -> Path:
     path = SHARED / name
     if not path.exists():

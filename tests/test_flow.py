@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_dataset, make_image, write_spec
+from conftest import COLOURS, make_dataset, make_image, write_spec
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from prefect.testing.utilities import prefect_test_harness
@@ -31,10 +32,14 @@ def prefect_harness():
 
 @pytest.fixture
 def task_spec(tmp_path):
-    root = make_dataset(tmp_path / "data", per_class=10)
-    (root / "red" / "readme.txt").write_text("not an image")
+    # A given test split of 15 images per class: the minimum a champion can be chosen on is 30 and 5 per class.
+    root = make_dataset(tmp_path / "data", per_class=10, splits=("train",))
+    for name in ("red", "blue"):
+        for index in range(15):
+            make_image(root / "test" / name / f"{name}_{index}.jpg", COLOURS[name], 1000 + index)
+    (root / "train" / "red" / "readme.txt").write_text("not an image")
     whole = make_image(tmp_path / "whole.jpg", (200, 0, 0), 99, size=(256, 256))
-    (root / "red" / "cut.jpg").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    (root / "train" / "red" / "cut.jpg").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     return write_spec(
         tmp_path / "colours.yaml",
         """
@@ -126,13 +131,21 @@ def test_route_trains_tracks_registers_and_promotes(task_spec, tmp_path):
     }
     assert prefect_artifact("colours-progress")[0].data == 100.0
     metrics_table = json.loads(prefect_artifact("colours-result")[0].data)
-    assert {"test_accuracy", "test_macro_f1"} <= {row["metric"] for row in metrics_table}
+    assert {"test_accuracy", "test_macro_f1", "test_accuracy_ci95_low", "test_accuracy_ci95_high"} <= {
+        row["metric"] for row in metrics_table
+    }
+    # The interval is wherever the test accuracy is: the run's metrics, the summary, the registry version.
+    assert (metrics["test_accuracy_ci95_low"], metrics["test_accuracy_ci95_high"]) == (0.8865, 1.0)
+    assert "test accuracy 1.0000 (95% CI 0.89-1.00, 30 images)" in result["summary"]
+    assert version.tags["test_accuracy_ci95"] == "0.8865-1.0000" and version.tags["test_images"] == "30"
+    assert version.description.startswith("test accuracy 1.0000 (95% CI 0.89-1.00, 30 images)")
 
     # A second, identical run must beat the champion on the same test split to take the alias: it cannot.
     again = route_image_task(str(task_spec))["result"]
     assert again["model_version"] == "2" and not again["promoted"]
     second = client.get_model_version("colours", "2")
     assert second.tags["compared_with"] == "v1" and second.tags["champion_test_accuracy"] == "1.0000"
+    assert "a tie: champion kept" in second.tags["promotion_reason"]
     assert second.tags["test_split_sha"] == version.tags["test_split_sha"]
     assert str(client.get_model_version_by_alias("colours", "champion").version) == "1"
     assert str(client.get_model_version_by_alias("colours", "challenger").version) == "2"
@@ -183,7 +196,7 @@ def test_scratch_on_grey_28px_data_trains_natively_and_registers_a_champion(tmp_
 
     from visionroute.model_registry import load_preprocessing
 
-    grey_npz(tmp_path / "returns.npz", count=60)
+    grey_npz(tmp_path / "returns.npz", count=90)  # 30 test images: the minimum to choose a champion
     spec = write_spec(
         tmp_path / "radar.yaml",
         """
@@ -243,8 +256,9 @@ def test_bakeoff_trains_both_routes_on_one_split_and_the_better_is_champion(task
     versions = client.search_model_versions("name='colours'")
     assert len(versions) == 2  # both registered
     champion = client.get_model_version_by_alias("colours", "champion")
-    best = max(rows.values(), key=lambda row: (row["test_accuracy"], -row["train_seconds"]))
-    assert str(champion.version) == str(best["version"])
+    # The better is champion: the other route did not beat it by more than its 95% interval on this split.
+    other = next(row for row in rows.values() if str(row["version"]) != str(champion.version))
+    assert other["test_accuracy"] <= float(champion.tags["test_accuracy_ci95"].split("-")[1])
     for version in versions:  # every comparison recorded on the version
         assert version.tags["promoted"] in ("true", "false") and version.tags["test_split_sha"]
     assert len({version.tags["test_split_sha"] for version in versions}) == 1  # the same split for both
@@ -256,3 +270,26 @@ def test_bakeoff_trains_both_routes_on_one_split_and_the_better_is_champion(task
     )
     assert sorted(run.data.tags["visionroute.route"] for run in children) == ["finetune", "scratch"]
     assert "framework chose finetune" in prefect_artifact("colours-bakeoff")[0].description
+
+
+@pytest.mark.slow
+def test_a_test_split_under_the_minimum_registers_no_champion_and_says_why(tmp_path):
+    make_dataset(tmp_path / "data", per_class=10)  # no split given: 2 test images per class
+    spec = write_spec(
+        tmp_path / "small.yaml",
+        "name: small\ntask: classify\ndata: {path: ./data}\ndomain: natural\n"
+        "training: {model: tf_efficientnet_lite0, epochs: 1, budget_minutes: 2}\n",
+    )
+    outcome = route_image_task(str(spec))
+    result = outcome["result"]
+    assert not result["promoted"]
+    assert "as challenger (not promoted: the test split has 4 image(s)" in result["summary"]
+    assert "add test images" in result["summary"]
+    client = MlflowClient(tracking.tracking_uri())
+    version = client.get_model_version_by_alias("small", "challenger")
+    assert version.tags["promoted"] == "false"
+    assert version.tags["promotion_reason"].startswith("not promoted: the test split has 4 image(s)")
+    with pytest.raises(MlflowException):
+        client.get_model_version_by_alias("small", "champion")
+    decision_md = Path(client.download_artifacts(outcome["parent_run_id"], "decision.md")).read_text()
+    assert "no champion from this run" in decision_md

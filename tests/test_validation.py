@@ -6,13 +6,13 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import make_dataset, make_image, shared_dataset
+from conftest import bench_module, make_dataset, make_image, shared_dataset
 from PIL import Image
 
 from visionroute.data.dataset import DatasetError, assign_splits, scan_dataset
 from visionroute.data.validation import (
-    NEAR_DUPLICATE_CORRELATION,
-    remove_leakage,
+    NEAR_DUPLICATE_MAX_DISTANCE,
+    check_leakage,
     similarity,
     thumbnail_signature,
     validate,
@@ -57,15 +57,23 @@ def test_duplicates_conflicts_and_leakage(tmp_path):
     near = [{p["a"]["path"].split("/")[-1], p["b"]["path"].split("/")[-1]} for p in report.near_duplicates]
     assert near == [{"chelsea.jpg", "smaller.jpg"}]
 
+    # The split is given (train/ test/ folders): test stays as given, and its two copies are reported.
     split = assign_splits(dataset, seed=0)
     before = len(split.split("test"))
-    cleaned = remove_leakage(split, report)
+    kept = check_leakage(split, report)
     assert {row["path"].split("/")[-1] for row in report.leaked_from_test} == {
         "copy_of_train.jpg",
         "smaller.jpg",
     }
-    assert len(cleaned.split("test")) == before - 2
-    assert any("removed from test" in w for w in report.warnings)
+    assert len(kept.split("test")) == before and not report.leakage_removed
+    assert any(
+        "2 of 6 test image(s) have a copy in train/val; the given test split is kept" in w
+        for w in report.warnings
+    )
+    # data.leakage: remove drops them instead, and says so.
+    removed = check_leakage(split, report, remove=True)
+    assert len(removed.split("test")) == before - 2 and report.leakage_removed
+    assert any("were removed from test (data.leakage: remove)" in w for w in report.warnings)
 
 
 def test_quarantine_lists_every_reason_and_counts_channels(tmp_path):
@@ -100,7 +108,7 @@ def test_signature_survives_resizing_but_not_other_content_or_a_shared_gradient(
     with Image.open(a) as first, Image.open(b) as other:
         same = similarity(thumbnail_signature(first), thumbnail_signature(first.resize((64, 48))))
         different = similarity(thumbnail_signature(first), thumbnail_signature(other))
-    assert same >= NEAR_DUPLICATE_CORRELATION > different
+    assert same >= 1 - NEAR_DUPLICATE_MAX_DISTANCE > different
     # Two unrelated textures under the same illumination gradient (what fooled a difference hash on NEU steel).
     rng = np.random.default_rng(0)
     gradient = np.linspace(200, 40, 128)[None, :]
@@ -108,7 +116,9 @@ def test_signature_survives_resizing_but_not_other_content_or_a_shared_gradient(
         Image.fromarray(np.clip(gradient + rng.normal(0, 12, (128, 128)), 0, 255).astype(np.uint8))
         for _ in range(2)
     ]
-    assert similarity(thumbnail_signature(lit[0]), thumbnail_signature(lit[1])) < NEAR_DUPLICATE_CORRELATION
+    assert (
+        similarity(thumbnail_signature(lit[0]), thumbnail_signature(lit[1])) < 1 - NEAR_DUPLICATE_MAX_DISTANCE
+    )
 
 
 def test_neu_steel_has_no_cross_class_near_duplicates():
@@ -121,3 +131,88 @@ def test_hymenoptera_validates_with_only_the_gif_quarantined():
     dataset, report = validate(scan_dataset(shared_dataset("hymenoptera_data")), progress=False)
     assert [q.path.split("/")[-1] for q in report.quarantined] == ["imageNotFound.gif"]
     assert len(dataset.samples) == 397
+
+
+def _groups_by_split(dataset) -> dict[int, set[str]]:
+    splits: dict[int, set[str]] = {}
+    for sample in dataset.samples:
+        if sample.ref in dataset.duplicate_groups:
+            splits.setdefault(dataset.duplicate_groups[sample.ref], set()).add(sample.split)
+    return splits
+
+
+def test_the_digit_set_keeps_its_test_split(tmp_path):
+    # 1,797 grey 8x8 digits in class folders, no split given: most images of a class correlate above 0.9, which
+    # made the old detector pair 99% of them and empty the test split.
+    root = bench_module("near_duplicates").write_digits(tmp_path / "digits")
+    dataset, report = validate(scan_dataset(root), progress=False)
+    assert len(dataset.samples) == 1797 and len(report.near_duplicates) <= 18  # under 1% of the images
+    split = check_leakage(assign_splits(dataset, seed=0), report)
+    assert len(split.split("test")) >= 250
+    assert report.leaked_from_test == []  # visionroute's own split keeps copies together
+    assert all(len(splits) == 1 for splits in _groups_by_split(split).values())
+
+
+@pytest.mark.parametrize("source", ["digits", "photos"])
+def test_planted_near_copies_are_found_and_distinct_images_are_not(tmp_path, source):
+    near_duplicates = bench_module("near_duplicates")
+    if source == "digits":
+        root = near_duplicates.write_digits(tmp_path / "source")
+    else:
+        root = photo_dataset(tmp_path / "source")
+    originals, copies = near_duplicates.build(str(root), tmp_path / "planted", planted=40, seed=0)
+    dataset, report = validate(scan_dataset(tmp_path / "planted"), progress=False)
+    representatives, same, pairs = near_duplicates.validated_pairs(dataset, report)
+    scores = near_duplicates.score(pairs, representatives, originals, copies, same)
+    kinds = {path.rsplit("_", 1)[1].split(".")[0] for path in copies}
+    assert kinds == set(near_duplicates.TRANSFORMS)  # JPEG re-encode, resize, 4% crop, brightness
+    assert scores["recall"] >= 0.95
+    assert scores["false_positive_share"] <= 0.01
+
+
+def test_given_npz_splits_keep_their_test_images_and_report_the_copies(tmp_path):
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 255, (40, 28, 28), dtype=np.uint8)
+    test = rng.integers(0, 255, (12, 28, 28), dtype=np.uint8)
+    test[:3] = train[:3]  # three official test images are copies of training images
+    labels = lambda n: (np.arange(n) % 2).reshape(n, 1)  # noqa: E731
+    path = tmp_path / "given.npz"
+    np.savez(path, train_images=train, train_labels=labels(40), test_images=test, test_labels=labels(12))
+    dataset, report = validate(scan_dataset(path), progress=False)
+    split = assign_splits(dataset, seed=0)
+    kept = check_leakage(split, report)
+    assert len(kept.split("test")) == 12
+    assert sorted(row["path"] for row in report.leaked_from_test) == [
+        "npz:test:0",
+        "npz:test:1",
+        "npz:test:2",
+    ]
+    assert len(check_leakage(split, report, remove=True).split("test")) == 9
+
+
+def test_splits_visionroute_makes_keep_each_duplicate_group_in_one_split(tmp_path):
+    root = make_dataset(tmp_path / "data", per_class=20)
+    for index in range(6):  # an exact copy and a resized, recompressed copy of six images
+        name = f"red_{index}.jpg"
+        shutil.copy(root / "red" / name, root / "red" / f"copy_{index}.jpg")
+        with Image.open(root / "red" / name) as image:
+            image.resize((80, 60)).save(root / "red" / f"small_{index}.jpg", quality=60)
+    dataset, report = validate(scan_dataset(root), progress=False)
+    assert len(report.exact_duplicates) == 6 and len(report.near_duplicates) == 6
+    for seed in range(5):
+        split = check_leakage(assign_splits(dataset, seed=seed), report)
+        groups = _groups_by_split(split)
+        assert len(groups) == 6 and all(len(splits) == 1 for splits in groups.values())
+        assert report.leaked_from_test == []
+        test = split.counts()["test"]  # 15% of 32 and of 20, overshooting by less than one group of 3
+        assert 5 <= test["red"] <= 7 and test["blue"] == 3
+
+
+def test_pneumoniamnist_keeps_its_official_test_split():
+    dataset, report = validate(
+        scan_dataset(shared_dataset("pneumoniamnist") / "pneumoniamnist.npz"), progress=False
+    )
+    split = check_leakage(assign_splits(dataset, seed=0), report)
+    assert len(split.split("test")) == 624 and not report.leakage_removed
+    assert len(report.exact_duplicates) == 26  # identical images: reported
+    assert len(report.near_duplicates) <= 50  # not the 34,688 pairs of the old detector

@@ -1,7 +1,8 @@
 """Log a trained model to MLflow, register it, and move `champion` only when it wins on the same test split.
 
 A new version always gets alias `challenger`. `champion` moves to it when there is none yet, or when it beats
-the current champion evaluated on this run's own test split (not on figures from another split). The
+the current champion evaluated on this run's own test split (not on figures from another split) by more than
+the champion's 95% interval there, and never on a test split under the policy's minimum size. The
 comparison is written to the version's tags. A failure after the version is created deletes it: nothing is
 left half-registered.
 """
@@ -22,7 +23,9 @@ import torch
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
+from visionroute.decision.policy import DEFAULT_POLICY
 from visionroute.training.engine import evaluate
+from visionroute.training.metrics import format_accuracy
 from visionroute.training.preprocessing import Preprocessing
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -102,8 +105,35 @@ def _champion_on_split(client: MlflowClient, name: str, classes: list[str], test
         "version": champion.version,
         "comparable": True,
         "accuracy": metrics["accuracy"],
+        "accuracy_ci95": metrics["accuracy_ci95"],
         "macro_f1": metrics["macro_f1"],
     }
+
+
+def promotion_verdict(test_metrics: dict, current: dict | None) -> tuple[bool, str]:
+    """Whether the challenger becomes champion, and why. Never on a test split under the policy's minimum
+    size; over a comparable champion only when its accuracy on the same split lies above the champion's 95%
+    Wilson interval there: a difference within it is noise, and a tie keeps the champion."""
+    per_class = {name: scores["support"] for name, scores in test_metrics["per_class"].items()}
+    problem = DEFAULT_POLICY.test_split_problem(per_class)
+    if problem:
+        return False, f"not promoted: {problem}"
+    if current is None:
+        return True, "first version: no champion yet"
+    if not current["comparable"]:
+        return False, current["why"] + "; champion kept, promote by hand if intended"
+    low, high = current["accuracy_ci95"]
+    gain = test_metrics["accuracy"] - current["accuracy"]
+    beyond = test_metrics["accuracy"] > high
+    return beyond, (
+        f"challenger accuracy {test_metrics['accuracy']:.4f} vs champion v{current['version']} "
+        f"{current['accuracy']:.4f} on the same test split ({test_metrics['examples']} images): {gain:+.4f} is "
+        + (
+            f"beyond the champion's 95% interval {low:.4f}-{high:.4f}: promoted"
+            if beyond
+            else f"within the champion's 95% interval {low:.4f}-{high:.4f}, a tie: champion kept"
+        )
+    )
 
 
 def register_and_promote(
@@ -124,23 +154,19 @@ def register_and_promote(
         client.create_registered_model(name, description=f"visionroute task {name}")
     current = _champion_on_split(client, name, classes, test_set)
     version = client.create_model_version(
-        name, model_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()}
+        name,
+        model_uri,
+        run_id=run_id,
+        tags={k: str(v) for k, v in tags.items()},
+        description=f"test accuracy {format_accuracy(test_metrics)} on split {split_digest}",
     )
     try:
-        challenger = {"accuracy": test_metrics["accuracy"], "macro_f1": test_metrics["macro_f1"]}
-        if current is None:
-            promoted, why = True, "first version: no champion yet"
-        elif not current["comparable"]:
-            promoted, why = False, current["why"] + "; champion kept, promote by hand if intended"
-        else:
-            promoted = (challenger["accuracy"], challenger["macro_f1"]) > (
-                current["accuracy"],
-                current["macro_f1"],
-            )
-            why = (
-                f"challenger accuracy {challenger['accuracy']:.4f} vs champion v{current['version']} "
-                f"{current['accuracy']:.4f} on the same test split"
-            )
+        challenger = {
+            "accuracy": test_metrics["accuracy"],
+            "accuracy_ci95": test_metrics["accuracy_ci95"],
+            "macro_f1": test_metrics["macro_f1"],
+        }
+        promoted, why = promotion_verdict(test_metrics, current)
         comparison = {
             "promoted": promoted,
             "why": why,
@@ -151,6 +177,8 @@ def register_and_promote(
         version_tags = {
             "test_split_sha": split_digest,
             "test_accuracy": f"{challenger['accuracy']:.4f}",
+            "test_accuracy_ci95": "{:.4f}-{:.4f}".format(*challenger["accuracy_ci95"]),
+            "test_images": str(test_metrics["examples"]),
             "test_macro_f1": f"{challenger['macro_f1']:.4f}",
             "compared_with": f"v{current['version']}" if current else "none",
             "champion_test_accuracy": f"{current['accuracy']:.4f}"

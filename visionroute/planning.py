@@ -5,10 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from visionroute.data.dataset import DatasetError, ImageDataset, assign_splits, native_shape, scan_dataset
+from visionroute.data.dataset import (
+    DatasetError,
+    ImageDataset,
+    assign_splits,
+    held_out_split_given,
+    native_shape,
+    scan_dataset,
+)
 from visionroute.data.images import IMAGE_SUFFIXES
-from visionroute.data.validation import ValidationReport, remove_leakage, validate
+from visionroute.data.validation import ValidationReport, check_leakage, validate
 from visionroute.decision.costs import load_prices
+from visionroute.decision.policy import DEFAULT_POLICY
 from visionroute.decision.rules import DataSummary, Decision, decide
 from visionroute.spec import Domain, TaskSpec, load_spec
 
@@ -58,7 +66,8 @@ def plan(
     """Load, scan and decide. Raises SpecError, DatasetError or CannotDecide with a message for a person.
 
     With `check_images` (the flow), every image is decoded and fingerprinted first: quarantined files leave
-    the counts, the splits are fixed (seeded) and test images that duplicate training images are removed.
+    the counts, the splits are fixed (seeded, duplicate groups kept in one split) and test images of a given
+    split that copy training images are reported (or removed with `data.leakage: remove`).
     Without it (`visionroute decide`), counts come from file headers alone, which is fast on large folders.
     The domain is measured (pretrained against random features, well under a minute for 1,000 images) for
     `domain: auto`, with `measure_domain`, and in the flow for every specific task with data.
@@ -68,8 +77,11 @@ def plan(
     report = None
     if dataset is not None and check_images:
         dataset, report = validate(dataset)
-        dataset = remove_leakage(assign_splits(dataset, seed=spec.training.seed), report)
+        given = held_out_split_given(dataset)
+        remove = spec.data.leakage == "remove"
+        dataset = check_leakage(assign_splits(dataset, seed=spec.training.seed), report, remove=remove)
         summary = _summary(dataset)
+        evaluation = evaluation_plan(dataset, report, given, spec.data.leakage)
     wants_measure = spec.domain == Domain.auto or measure_domain or check_images
     if dataset is not None and not spec.is_generic and wants_measure and len(dataset.classes) >= 2:
         from visionroute.data.domain import measure_domain as measure
@@ -80,6 +92,11 @@ def plan(
     decision = decide(spec, summary, load_prices(prices_path), gpu=_has_gpu() if check_images else True)
     if report is not None:
         decision.warnings += report.warnings
+        decision.evaluation = evaluation
+        if evaluation["cannot_promote"]:
+            decision.warnings.append(
+                f"{evaluation['cannot_promote']}; the model will be registered as challenger only"
+            )
     if (
         spec.data
         and spec.data.labeled_examples is not None
@@ -95,6 +112,34 @@ def plan(
             f"{len(dataset.skipped)} file(s) in the data folder will be skipped (listed in skipped.json)"
         )
     return Plan(spec, dataset, summary, decision, report)
+
+
+def evaluation_plan(dataset: ImageDataset, report: ValidationReport, given: bool, leakage: str) -> dict:
+    """How the trained model will be judged, said before training: where the test split comes from, its size,
+    its leakage and what was done about it, and whether it is large enough to choose a champion."""
+    per_class = dataset.counts().get("test", {})
+    leaked = len(report.leaked_from_test)
+    if given:
+        source = "given with the data, kept as given" + (
+            " minus its leaked images" if leakage == "remove" else ""
+        )
+        handling = f"{leaked} test image(s) with a copy in train/val " + (
+            "removed (data.leakage: remove)"
+            if leakage == "remove"
+            else "kept; accuracy without them reported beside it"
+        )
+    else:
+        source = "made by visionroute: stratified, each group of duplicates in one split"
+        handling = f"{leaked} test image(s) with a copy in train/val"
+    return {
+        "test_split": source,
+        "test_images": sum(per_class.values()),
+        "test_per_class": per_class,
+        "leakage": leakage,
+        "leaked_test_images": leaked,
+        "leakage_handling": handling,
+        "cannot_promote": DEFAULT_POLICY.test_split_problem(per_class),
+    }
 
 
 __all__ = ["DatasetError", "Plan", "plan", "read_data"]

@@ -54,6 +54,10 @@ class DataSpec(_Strict):
     """Class sub-folders (optionally under train/ val/ test/) or a MedMNIST-style .npz; relative to the spec file."""
     labeled_examples: Annotated[int, Field(ge=0)] | None = None
     """Labelled images available; counted from `path` when that is given."""
+    leakage: Literal["report", "remove"] = "report"
+    """Test images with an exact or near copy in train/val, when the split is given (folders, an .npz's
+    official splits, a manifest's split column): `report` keeps the test split as given and reports the
+    accuracy without them beside it; `remove` drops them from test. Splits visionroute makes have none."""
 
 
 class Constraints(_Strict):

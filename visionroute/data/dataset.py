@@ -51,7 +51,10 @@ class ImageDataset:
     skipped: list[Skipped] = field(default_factory=list)
     _arrays: dict | None = field(default=None, repr=False)
     fingerprints: dict = field(default_factory=dict, repr=False)
-    """ref -> ImageFacts (sha256, dHash, channels, bit depth), filled by validation."""
+    """ref -> ImageFacts (sha256, thumbnail, channels, bit depth), filled by validation."""
+    duplicate_groups: dict = field(default_factory=dict, repr=False)
+    """ref -> group number for each image with an exact or near copy, filled by validation; `assign_splits`
+    keeps each group in one split."""
 
     def per_class(self) -> dict[str, int]:
         counts = Counter(sample.label for sample in self.samples)
@@ -329,19 +332,42 @@ def count_examples(path: Path, classes: list[str] | None = None) -> dict[str, in
     return dataset.per_class()
 
 
-def _stratified_take(samples: list[Sample], fraction: float, rng: random.Random) -> tuple[list, list]:
-    """Split off about `fraction` of each class (at least one image when the class has two or more)."""
-    by_label: dict[int, list[Sample]] = defaultdict(list)
-    for sample in samples:
-        by_label[sample.label].append(sample)
+def _stratified_take(
+    samples: list[Sample], fraction: float, rng: random.Random, groups: dict | None = None
+) -> tuple[list, list]:
+    """Split off about `fraction` of each class (at least one image when the class has two or more).
+
+    Images in one duplicate group (`groups`: ref -> group, exact or near copies) move together, so that no
+    copy ends up on both sides; a group counts for the class most of its images have.
+    """
+    groups = groups or {}
+    units: dict[object, list[Sample]] = defaultdict(list)
+    for sample in sorted(samples, key=lambda s: s.ref):
+        units[groups.get(sample.ref, sample.ref)].append(sample)
+    by_label: dict[int, list[list[Sample]]] = defaultdict(list)
+    for members in units.values():
+        label = Counter(s.label for s in members).most_common(1)[0][0]
+        by_label[label].append(members)
     taken, rest = [], []
     for label in sorted(by_label):
-        group = sorted(by_label[label], key=lambda s: s.ref)
-        rng.shuffle(group)
-        k = max(1, round(len(group) * fraction)) if len(group) >= 2 else 0
-        taken += group[:k]
-        rest += group[k:]
+        class_units = by_label[label]
+        rng.shuffle(class_units)
+        images = sum(len(members) for members in class_units)
+        k = max(1, round(images * fraction)) if images >= 2 else 0
+        count = 0
+        for members in class_units:
+            if count < k:
+                taken += members
+                count += len(members)
+            else:
+                rest += members
     return taken, rest
+
+
+def held_out_split_given(dataset: ImageDataset) -> bool:
+    """Whether the data brings its own held-out split (test, or val used as test) that `assign_splits` keeps."""
+    present = {sample.split for sample in dataset.samples}
+    return "train" in present and bool(present & {"val", "test"})
 
 
 def assign_splits(
@@ -351,23 +377,26 @@ def assign_splits(
 
     Given train/val/test are kept. Given train/test: val is carved from train. Given train/val only: val becomes
     the held-out test split and a val split is carved from train, so the reported figure is never the one early
-    stopping chose on. Otherwise a stratified 70/15/15.
+    stopping chose on. Otherwise a stratified 70/15/15. The splits visionroute makes keep each duplicate group
+    (`duplicate_groups`, from validation) in one split; a split the user gave is kept as given (leakage
+    across it is reported by validation's `check_leakage`).
     """
     rng = random.Random(seed)
+    groups = dataset.duplicate_groups
     present = {sample.split for sample in dataset.samples}
     if {"train", "val", "test"} <= present:
         return dataset
     train = [s for s in dataset.samples if s.split == "train"]
     if "train" in present and "test" in present:
         tests = [s for s in dataset.samples if s.split == "test"]
-        val, train = _stratified_take(train, val_fraction, rng)
+        val, train = _stratified_take(train, val_fraction, rng, groups)
     elif "train" in present and "val" in present:
         tests = [replace(s, split="test") for s in dataset.samples if s.split == "val"]
-        val, train = _stratified_take(train, val_fraction, rng)
+        val, train = _stratified_take(train, val_fraction, rng, groups)
     else:
         pool = list(dataset.samples)
-        tests, pool = _stratified_take(pool, test_fraction, rng)
-        val, train = _stratified_take(pool, val_fraction / (1 - test_fraction), rng)
+        tests, pool = _stratified_take(pool, test_fraction, rng, groups)
+        val, train = _stratified_take(pool, val_fraction / (1 - test_fraction), rng, groups)
         tests = [replace(s, split="test") for s in tests]
     samples = [replace(s, split="train") for s in train] + [replace(s, split="val") for s in val] + tests
     return replace(dataset, samples=samples)

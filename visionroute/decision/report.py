@@ -19,6 +19,17 @@ def decision_markdown(name: str, decision: Decision) -> str:
     lines += ["", "## Why"] + [f"- {reason}" for reason in decision.reasons]
     if decision.warnings:
         lines += ["", "## Warnings"] + [f"- {warning}" for warning in decision.warnings]
+    if decision.evaluation:
+        evaluation = decision.evaluation
+        lines += [
+            "",
+            "## Evaluation",
+            f"- test split: {evaluation['test_split']}; {evaluation['test_images']} images {evaluation['test_per_class']}",
+            f"- leakage: {evaluation['leakage_handling']}",
+            "- test accuracy is reported with its 95% Wilson interval; champion moves only on a gain beyond it",
+        ]
+        if evaluation["cannot_promote"]:
+            lines.append(f"- no champion from this run: {evaluation['cannot_promote']}")
     lines += ["", "## Routes not taken"] + [
         f"- `{item['route']}`: {item['why']}" for item in decision.rejected
     ]

@@ -59,6 +59,9 @@ class Decision:
     inputs: dict = field(default_factory=dict)
     escalation: dict | None = None
     """Set when the flow escalated from a Vision API that missed its target accuracy (see `escalate`)."""
+    evaluation: dict | None = None
+    """Set by the flow once the images are checked: the test split's origin, size and leakage handling
+    (`planning.evaluation_plan`)."""
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -15,11 +15,12 @@ import torch
 from visionroute import model_registry, tracking
 from visionroute.backends.base import BackendContext, BackendResult, BackendUnavailable
 from visionroute.data.dataset import DatasetError, assign_splits
+from visionroute.data.validation import leaked_test_images
 from visionroute.training import distributed
 from visionroute.training.cache import cache_key
 from visionroute.training.catalogue import catalogue_entry, choose_model
-from visionroute.training.engine import TrainConfig, pick_device, prepare_data, train
-from visionroute.training.metrics import plot_confusion_matrix
+from visionroute.training.engine import TrainConfig, evaluate, pick_device, prepare_data, train
+from visionroute.training.metrics import format_accuracy, plot_confusion_matrix
 from visionroute.training.preprocessing import Preprocessing
 from visionroute.training.weights import PretrainedWeights, load_pretrained
 
@@ -140,6 +141,16 @@ def run_training_route(
         }
         if "threshold" in test:
             summary["decision_threshold"] = test["threshold"]
+        summary["test_accuracy_ci95_low"], summary["test_accuracy_ci95_high"] = test["accuracy_ci95"]
+        # A given test split keeps its images that copy train/val ones (data.leakage: report); the accuracy
+        # without them is the second figure.
+        leaked = {s.ref for s in leaked_test_images(dataset)}
+        if leaked:
+            keep = [i for i, ref in enumerate(data.test.refs) if ref not in leaked]
+            clean = evaluate(result.model, data.test.x[keep], data.test.y[keep], prep)
+            test["without_leaked"] = {k: clean[k] for k in ("accuracy", "accuracy_ci95", "examples")}
+            summary["test_leaked_images"] = len(data.test.refs) - len(keep)
+            summary["test_accuracy_without_leaked"] = clean["accuracy"]
         for name, scores in test["per_class"].items():
             summary[f"test_precision_{name}"] = scores["precision"]
             summary[f"test_recall_{name}"] = scores["recall"]
@@ -202,11 +213,17 @@ def run_training_route(
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
+    clean = test.get("without_leaked")
     text = (
         (f"resumed from epoch {result.resumed_from_epoch}; " if result.resumed_from_epoch else "")
-        + f"{route} {config.model_name}: test accuracy {test['accuracy']:.4f} on {test['examples']} images, "
-        f"registered {spec.name} v{registration.version}"
-        + (" as champion" if registration.promoted else " as challenger (champion kept)")
+        + f"{route} {config.model_name}: test accuracy {format_accuracy(test)}"
+        + (
+            f" ({clean['accuracy']:.4f} on the {clean['examples']} test images without a copy in train/val)"
+            if clean
+            else ""
+        )
+        + f", registered {spec.name} v{registration.version}"
+        + (" as champion" if registration.promoted else f" as challenger ({registration.comparison['why']})")
         + f"; {len(skipped)} file(s) skipped"
     )
     return BackendResult(
