@@ -32,11 +32,13 @@ def prefect_harness():
 
 @pytest.fixture
 def task_spec(tmp_path):
-    # A given test split of 15 images per class: the minimum a champion can be chosen on is 30 and 5 per class.
+    # A given test split of 15 images per class (the minimum a champion can be chosen on is 30 and 5 per class),
+    # plus a copy of a training image: leakage, reported and kept by default.
     root = make_dataset(tmp_path / "data", per_class=10, splits=("train",))
     for name in ("red", "blue"):
         for index in range(15):
             make_image(root / "test" / name / f"{name}_{index}.jpg", COLOURS[name], 1000 + index)
+    (root / "test" / "red" / "leaked.jpg").write_bytes((root / "train" / "red" / "red_0.jpg").read_bytes())
     (root / "train" / "red" / "readme.txt").write_text("not an image")
     whole = make_image(tmp_path / "whole.jpg", (200, 0, 0), 99, size=(256, 256))
     (root / "train" / "red" / "cut.jpg").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
@@ -135,10 +137,15 @@ def test_route_trains_tracks_registers_and_promotes(task_spec, tmp_path):
         row["metric"] for row in metrics_table
     }
     # The interval is wherever the test accuracy is: the run's metrics, the summary, the registry version.
-    assert (metrics["test_accuracy_ci95_low"], metrics["test_accuracy_ci95_high"]) == (0.8865, 1.0)
-    assert "test accuracy 1.0000 (95% CI 0.89-1.00, 30 images)" in result["summary"]
-    assert version.tags["test_accuracy_ci95"] == "0.8865-1.0000" and version.tags["test_images"] == "30"
-    assert version.description.startswith("test accuracy 1.0000 (95% CI 0.89-1.00, 30 images)")
+    assert (metrics["test_accuracy_ci95_low"], metrics["test_accuracy_ci95_high"]) == (0.8897, 1.0)
+    assert "test accuracy 1.0000 (95% CI 0.89-1.00, 31 images)" in result["summary"]
+    assert version.tags["test_accuracy_ci95"] == "0.8897-1.0000" and version.tags["test_images"] == "31"
+    assert version.description.startswith("test accuracy 1.0000 (95% CI 0.89-1.00, 31 images)")
+    # The leaked test image stays in the given split; the accuracy without it is the second figure.
+    assert metrics["test_leaked_images"] == 1 and metrics["test_accuracy_without_leaked"] == 1.0
+    assert "(1.0000 on the 30 test images without a copy in train/val)" in result["summary"]
+    assert tags["visionroute.leakage"] == "reported" and parent.data.metrics["leaked_test_images"] == 1
+    assert "1 test image(s) with a copy in train/val kept" in decision["evaluation"]["leakage_handling"]
 
     # A second, identical run must beat the champion on the same test split to take the alias: it cannot.
     again = route_image_task(str(task_spec))["result"]
