@@ -110,7 +110,8 @@ def embedding_pairs(paths: list[str], ratio: float) -> list[tuple[int, int, floa
     """The relative rule on pooled ImageNet features (tf_efficientnet_lite0 at 96 px), without alignment."""
     import torch
 
-    from visionroute.training.engine import Preprocessing, build_model, predict_logits
+    from visionroute.training.engine import build_model, predict_logits
+    from visionroute.training.preprocessing import Preprocessing
     from visionroute.training.weights import load_pretrained, resolve_pretrained
 
     model = build_model("tf_efficientnet_lite0", 2)
