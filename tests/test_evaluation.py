@@ -103,6 +103,7 @@ def test_the_decision_says_how_the_model_will_be_judged(tmp_path):
     evaluation = decision.evaluation
     assert evaluation["test_images"] == 4 and evaluation["leaked_test_images"] == 0
     assert evaluation["test_split"].startswith("made by visionroute")
+    assert evaluation["leakage_handling"] == "no test image has a copy in train/val"
     assert "minimum of 30 images" in evaluation["cannot_promote"]
     assert any("registered as challenger only" in warning for warning in decision.warnings)
     markdown = decision_markdown("small", decision)

@@ -173,11 +173,18 @@ def test_planted_near_copies_are_found_and_distinct_images_are_not(tmp_path, sou
 def test_given_npz_splits_keep_their_test_images_and_report_the_copies(tmp_path):
     rng = np.random.default_rng(0)
     train = rng.integers(0, 255, (40, 28, 28), dtype=np.uint8)
+    val = rng.integers(0, 255, (10, 28, 28), dtype=np.uint8)
     test = rng.integers(0, 255, (12, 28, 28), dtype=np.uint8)
     test[:3] = train[:3]  # three official test images are copies of training images
+    val[0] = train[5]  # and one validation image
     labels = lambda n: (np.arange(n) % 2).reshape(n, 1)  # noqa: E731
     path = tmp_path / "given.npz"
-    np.savez(path, train_images=train, train_labels=labels(40), test_images=test, test_labels=labels(12))
+    arrays = {"train": train, "val": val, "test": test}
+    np.savez(
+        path,
+        **{f"{k}_images": v for k, v in arrays.items()},
+        **{f"{k}_labels": labels(len(v)) for k, v in arrays.items()},
+    )
     dataset, report = validate(scan_dataset(path), progress=False)
     split = assign_splits(dataset, seed=0)
     kept = check_leakage(split, report)
@@ -187,6 +194,7 @@ def test_given_npz_splits_keep_their_test_images_and_report_the_copies(tmp_path)
         "npz:test:1",
         "npz:test:2",
     ]
+    assert "1 validation image(s) have a copy in train" in " ".join(report.warnings)
     assert len(check_leakage(split, report, remove=True).split("test")) == 9
 
 

@@ -119,18 +119,20 @@ def evaluation_plan(dataset: ImageDataset, report: ValidationReport, given: bool
     its leakage and what was done about it, and whether it is large enough to choose a champion."""
     per_class = dataset.counts().get("test", {})
     leaked = len(report.leaked_from_test)
+    if not leaked:
+        handling = "no test image has a copy in train/val"
+    elif leakage == "remove":
+        handling = f"{leaked} test image(s) with a copy in train/val removed (data.leakage: remove)"
+    else:
+        handling = (
+            f"{leaked} test image(s) with a copy in train/val kept; accuracy without them reported beside it"
+        )
     if given:
         source = "given with the data, kept as given" + (
-            " minus its leaked images" if leakage == "remove" else ""
-        )
-        handling = f"{leaked} test image(s) with a copy in train/val " + (
-            "removed (data.leakage: remove)"
-            if leakage == "remove"
-            else "kept; accuracy without them reported beside it"
+            " minus its leaked images" if leaked and leakage == "remove" else ""
         )
     else:
         source = "made by visionroute: stratified, each group of duplicates in one split"
-        handling = f"{leaked} test image(s) with a copy in train/val"
     return {
         "test_split": source,
         "test_images": sum(per_class.values()),

@@ -371,12 +371,17 @@ def validate(
     return dataset, report
 
 
-def leaked_test_images(dataset: ImageDataset) -> list[Sample]:
-    """Test images with an exact or near copy in train or val (duplicate groups from `validate`). Val counts:
-    early stopping and model selection looked at it."""
+def _copies(dataset: ImageDataset, split: str, of: tuple[str, ...]) -> list[Sample]:
+    """Images of `split` with an exact or near copy in the splits `of` (duplicate groups from `validate`)."""
     group = dataset.duplicate_groups
-    seen = {group.get(s.ref) for s in dataset.samples if s.split in ("train", "val")} - {None}
-    return [s for s in dataset.split("test") if group.get(s.ref, -1) in seen]
+    seen = {group.get(s.ref) for s in dataset.samples if s.split in of} - {None}
+    return [s for s in dataset.split(split) if group.get(s.ref, -1) in seen]
+
+
+def leaked_test_images(dataset: ImageDataset) -> list[Sample]:
+    """Test images with an exact or near copy in train or val. Val counts: early stopping and model selection
+    looked at it."""
+    return _copies(dataset, "test", ("train", "val"))
 
 
 def check_leakage(dataset: ImageDataset, report: ValidationReport, remove: bool = False) -> ImageDataset:
@@ -386,6 +391,12 @@ def check_leakage(dataset: ImageDataset, report: ValidationReport, remove: bool 
     leaked = leaked_test_images(dataset)
     report.leaked_from_test = [_row(dataset, s) for s in leaked]
     report.leakage_removed = remove
+    in_val = _copies(dataset, "val", ("train",))
+    if in_val:
+        report.warnings.append(
+            f"{len(in_val)} validation image(s) have a copy in train: early stopping and model selection see "
+            "them (the test figures do not)"
+        )
     if not leaked:
         return dataset
     total = len(dataset.split("test"))
