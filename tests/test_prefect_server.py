@@ -92,13 +92,14 @@ def test_cli_run_lands_on_a_running_server(server, tmp_path):
 def test_deployment_file_deploys_with_its_schedule(server):
     env = {**server, "PWD": str(REPO)}
     prefect = str(BIN / "prefect")
-    subprocess.run(
-        [prefect, "work-pool", "create", "visionroute-local", "--type", "process"],
-        env=env,
-        check=True,
-        capture_output=True,
-        cwd=REPO,
-    )
+    for pool in ("cpu", "gpu"):
+        subprocess.run(
+            [prefect, "work-pool", "create", pool, "--type", "process", "--overwrite"],
+            env=env,
+            check=True,
+            capture_output=True,
+            cwd=REPO,
+        )
     done = subprocess.run(
         [prefect, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--all"],
         env=env,
@@ -113,7 +114,9 @@ def test_deployment_file_deploys_with_its_schedule(server):
     assert weekly["entrypoint"] == "flows/route.py:route_image_task"
     assert weekly["parameters"] == {"spec_path": "examples/tasks/ants-vs-bees.yaml"}
     assert weekly["schedules"][0]["schedule"]["cron"] == "0 6 * * 1"
-    assert weekly["job_variables"]["env"]["VISIONROUTE_STATE"] == f"{REPO}/.state"
+    assert weekly["work_pool_name"] == "cpu"
+    # No state folder baked in: workers take VISIONROUTE_STATE and MLFLOW_TRACKING_URI from their environment.
+    assert "VISIONROUTE_STATE" not in weekly["job_variables"].get("env", {})
     assert "route-any-task" in deployments
 
 
