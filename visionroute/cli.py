@@ -126,6 +126,38 @@ def _fit_test(args) -> int:
     return 0
 
 
+def _promote(args) -> int:
+    from visionroute import review, tracking
+
+    client = tracking.configure()
+    if args.command == "promote":
+        entry = review.promote(client, args.name, args.version, args.reviewer, args.reason)
+    else:
+        entry = review.rollback(client, args.name, args.reviewer, args.reason)
+    previous = f"v{entry['previous']}" if entry["previous"] else "none"
+    print(
+        f"{args.name}: champion {previous} -> v{entry['version']} ({entry['action']} by {entry['reviewer']})"
+    )
+    return 0
+
+
+def _history(args) -> int:
+    from datetime import datetime
+
+    from visionroute import review, tracking
+
+    client = tracking.configure()
+    if args.at:
+        entry = review.champion_on(client, args.name, datetime.fromisoformat(args.at))
+        if entry is None:
+            print(f"{args.name} had no champion on {args.at}")
+            return 0
+        print(json.dumps(entry, indent=2))
+        return 0
+    print(review.history_markdown(client, args.name))
+    return 0
+
+
 def _up(args) -> int:
     from visionroute import services, tracking
 
@@ -242,6 +274,22 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--prices")
     fit.set_defaults(handler=_fit_test)
 
+    promote = commands.add_parser(
+        "promote", help="make a registered version champion, recorded with who and why"
+    )
+    promote.add_argument("name", help="registered model (the task's name)")
+    promote.add_argument("version", help="the version to make champion")
+    rollback = commands.add_parser("rollback", help="give champion back to the version it replaced")
+    rollback.add_argument("name", help="registered model (the task's name)")
+    for command in (promote, rollback):
+        command.add_argument("--reviewer", required=True, help="who decides")
+        command.add_argument("--reason", required=True, help="why, in a sentence")
+        command.set_defaults(handler=_promote)
+    history = commands.add_parser("history", help="who made which version champion, and when")
+    history.add_argument("name", help="registered model (the task's name)")
+    history.add_argument("--at", help="ISO date/time: which version was champion then, and who decided")
+    history.set_defaults(handler=_history)
+
     up = commands.add_parser(
         "up", help="start Prefect and MLflow servers, work pools, deployments and workers (idempotent)"
     )
@@ -265,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     from visionroute.backends import BackendUnavailable
     from visionroute.data.dataset import DatasetError
     from visionroute.decision.rules import CannotDecide
+    from visionroute.review import ReviewError
     from visionroute.services import ServiceError
     from visionroute.spec import SpecError
     from visionroute.training.weights import WeightsError
@@ -273,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (SpecError, DatasetError, CannotDecide, ValueError) as error:
+    except (SpecError, DatasetError, CannotDecide, ReviewError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return BAD_INPUT
     except (BackendUnavailable, WeightsError, ApiError, ProviderConfigError, ServiceError) as error:

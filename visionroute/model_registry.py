@@ -23,6 +23,7 @@ import torch
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
+from visionroute import review
 from visionroute.decision.policy import DEFAULT_POLICY
 from visionroute.training.engine import evaluate
 from visionroute.training.metrics import format_accuracy
@@ -192,6 +193,8 @@ def register_and_promote(
         client.set_registered_model_alias(name, CHALLENGER, version.version)
         if promoted:
             client.set_registered_model_alias(name, CHAMPION, version.version)
+        # What a reviewer reads: version and model descriptions, and the alias history (visionroute.review).
+        review.record_registration(client, name, str(version.version), comparison, tags)
     except Exception:
         client.delete_model_version(name, version.version)
         raise

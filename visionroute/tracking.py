@@ -25,6 +25,12 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state_dir() / 'mlflow.db'}"
 
 
+def ui_url() -> str | None:
+    """The MLflow UI's address when tracking goes to an MLflow server (http/https), else None."""
+    uri = tracking_uri()
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else None
+
+
 def configure() -> MlflowClient:
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
