@@ -251,7 +251,7 @@ def _publish_links(name: str, parent_run_id: str, outcome: dict) -> None:
 @flow(name="route-image-task", log_prints=True)
 def route_image_task(
     spec_path: str = "",
-    prices_path: str | None = None,
+    prices_path: str = "",
     task: TaskForm = TaskForm(),  # noqa: B008 (frozen: the shared default cannot change)
     overrides: RunOverrides = RunOverrides(),  # noqa: B008
 ) -> dict:
@@ -260,10 +260,11 @@ def route_image_task(
     Args:
         spec_path: An existing task spec file on the worker, relative to the repository root, e.g.
             examples/tasks/ants-vs-bees.yaml. Leave empty to route the task filled in below instead.
-        prices_path: A price file of your own (default: VISIONROUTE_PRICES or the bundled prices.yaml).
+        prices_path: A price file of your own (empty: VISIONROUTE_PRICES or the bundled prices.yaml).
         task: A new task, filled in here instead of a spec file (used only when spec_path is empty).
         overrides: Changes for this run only: a shorter budget, fewer epochs, a forced route.
     """
+    prices_path = prices_path or None
     work = tracking.state_dir()
     spec_path = str(resolve_spec(spec_path, task, overrides, work / "specs", Path.cwd()))
     name = load_spec(spec_path).name

@@ -41,7 +41,7 @@ def _decide(args) -> int:
 def _run(args) -> int:
     from visionroute.flows.route import route_image_task
 
-    outcome = route_image_task(args.spec, args.prices)
+    outcome = route_image_task(args.spec, args.prices or "")
     result = outcome["result"]
     print(f"\nparent MLflow run: {outcome['parent_run_id']}  (tracking store: {outcome['tracking_uri']})")
     if result.get("model_version"):

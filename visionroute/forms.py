@@ -38,16 +38,16 @@ class TaskForm(_Form):
     )
     classes: list[str] = Field(
         default_factory=list,
-        description="classify only: the class names, one per line. Empty: read from the data folder's sub-folders.",
+        description="classify only: the class names (Add item for each). None: read from the data folder's sub-folders.",
     )
     data_path: str = Field(
         "",
         description="Labelled images on the worker's disk: class sub-folders (optionally under train/ val/ test/), "
         "a CSV manifest or a MedMNIST .npz. Relative to the repository root, e.g. examples/data/ants_bees.",
     )
-    labeled_examples: Annotated[int, Field(ge=0)] | None = Field(
-        None,
-        description="Labelled images available, when there is no data folder yet (counted from it otherwise).",
+    labeled_examples: Annotated[int, Field(ge=0)] = Field(
+        0,
+        description="Labelled images available when there is no data folder yet (0: count them in the data folder).",
     )
     domain: Domain = Field(
         Domain.natural,
@@ -74,8 +74,8 @@ class TaskForm(_Form):
     budget_minutes: Annotated[float, Field(gt=0, le=7 * 24 * 60)] = Field(
         20, description="Wall-clock minutes the training may take."
     )
-    epochs: Annotated[int, Field(ge=1, le=1000)] | None = Field(
-        None, description="Upper bound on training epochs (empty: the route's default)."
+    epochs: Annotated[int, Field(ge=0, le=1000)] = Field(
+        0, description="Upper bound on training epochs (0: the route's default)."
     )
     seed: int = Field(0, description="Random seed for the split and the training.")
 
@@ -98,10 +98,10 @@ class TaskForm(_Form):
         }
         if self.classes:
             raw["classes"] = list(self.classes)
-        if self.epochs is not None:
+        if self.epochs:
             raw["training"]["epochs"] = self.epochs
-        if self.data_path or self.labeled_examples is not None:
-            raw["data"] = {"path": self.data_path or None, "labeled_examples": self.labeled_examples}
+        if self.data_path or self.labeled_examples:
+            raw["data"] = {"path": self.data_path or None, "labeled_examples": self.labeled_examples or None}
         return parse_spec(raw, source="task form", base_dir=base_dir)
 
 
@@ -111,12 +111,12 @@ class RunOverrides(_Form):
     route: Literal["as in the spec", "auto", "vision_api", "finetune", "scratch"] = Field(
         "as in the spec", description="Force a route for this run, or keep the spec's."
     )
-    budget_minutes: Annotated[float, Field(gt=0, le=7 * 24 * 60)] | None = Field(
-        None,
-        description="Training budget in minutes for this run (empty: the spec's), e.g. 1 for a quick check.",
+    # Plain numbers with 0 for "keep the spec's": an optional number renders as a str/None toggle in the UI.
+    budget_minutes: Annotated[float, Field(ge=0, le=7 * 24 * 60)] = Field(
+        0, description="Training budget in minutes for this run (0: the spec's), e.g. 1 for a quick check."
     )
-    epochs: Annotated[int, Field(ge=1, le=1000)] | None = Field(
-        None, description="Upper bound on training epochs for this run (empty: the spec's)."
+    epochs: Annotated[int, Field(ge=0, le=1000)] = Field(
+        0, description="Upper bound on training epochs for this run (0: the spec's)."
     )
 
     def is_empty(self) -> bool:
@@ -124,9 +124,9 @@ class RunOverrides(_Form):
 
     def apply(self, spec: TaskSpec) -> TaskSpec:
         training: dict = {}
-        if self.budget_minutes is not None:
+        if self.budget_minutes:
             training["budget_minutes"] = self.budget_minutes
-        if self.epochs is not None:
+        if self.epochs:
             training["epochs"] = self.epochs
         update: dict = {"training": spec.training.model_copy(update=training)} if training else {}
         if self.route != "as in the spec":

@@ -154,12 +154,15 @@ def register_and_promote(
     except mlflow.exceptions.MlflowException:
         client.create_registered_model(name, description=f"visionroute task {name}")
     current = _champion_on_split(client, name, classes, test_set)
+    # An MLflow server (REST store) refuses a models:/m-... source unless model_id names that logged model.
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
     version = client.create_model_version(
         name,
         model_uri,
         run_id=run_id,
         tags={k: str(v) for k, v in tags.items()},
         description=f"test accuracy {format_accuracy(test_metrics)} on split {split_digest}",
+        model_id=model_id,
     )
     try:
         challenger = {
