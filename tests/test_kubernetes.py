@@ -62,3 +62,11 @@ def test_defaults_alone_render_a_one_gpu_job():
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+
+
+def test_the_prefect_server_accepts_it_as_a_kubernetes_pool_template():
+    from prefect.server.schemas.actions import WorkPoolCreate
+
+    template = json.loads(TEMPLATE.read_text())
+    pool = WorkPoolCreate(name="gpu", type="kubernetes", base_job_template=template, concurrency_limit=1)
+    assert pool.base_job_template["variables"]["properties"]["gpus"]["default"] == 1
