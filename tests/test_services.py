@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from visionroute import services
+from visionroute import services, tracking
 
 BIN = Path(sys.executable).parent
 
@@ -77,6 +77,9 @@ def test_up_is_idempotent_recovers_and_down_stops_exactly_what_it_started(tmp_pa
         for name in ("prefect-server", "mlflow-server", "worker-cpu", "worker-gpu", "deploy"):
             assert (state / "logs" / f"{name}.log").stat().st_size > 0
 
+        # The CLI in a shell without the exports tracks through the running MLflow server (same store).
+        assert tracking.tracking_uri() == f"http://127.0.0.1:{mlflow_port}"
+
         rows = {row.name: row for row in services.status(state)}
         assert {name: row.state for name, row in rows.items()} == dict.fromkeys(rows, "running")
         assert rows["worker-cpu"].detail == "worker online"
@@ -108,6 +111,7 @@ def test_up_is_idempotent_recovers_and_down_stops_exactly_what_it_started(tmp_pa
     for pgid in groups:
         assert not services._group_members(pgid, 0), f"process group {pgid} outlived `down`"
     assert port_free(prefect_port) and port_free(mlflow_port)
+    assert tracking.tracking_uri() == f"sqlite:///{state / 'mlflow.db'}"
     assert bystander.poll() is None  # untouched
     bystander.kill()
     assert visionroute(state, "down").stdout.strip() == "nothing was running"

@@ -374,6 +374,14 @@ def running_settings(state: Path) -> Settings | None:
     return Settings(state=state, **data) if data else None
 
 
+def served_mlflow_url(state: Path) -> str | None:
+    """The MLflow server `up` runs on this state folder, while it runs: the CLI then tracks through it, so an
+    experiment the server created (its artifacts served as mlflow-artifacts:/) stays usable from the CLI."""
+    settings = running_settings(state)
+    record = _read_record(state / "services" / "mlflow-server.json")
+    return settings.mlflow_url if settings and record and _alive(record) else None
+
+
 def gpu_count() -> int:
     """GPUs nvidia-smi lists (0 without an NVIDIA driver); cheap, no torch import."""
     smi = shutil.which("nvidia-smi")
