@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from conftest import COLOURS, make_dataset, make_image
 from mlflow.tracking import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
+from visionroute.flows.predict import predict_images
 from visionroute.flows.reevaluate import reevaluate_champions
 from visionroute.flows.review import review_model
 from visionroute.flows.route import route_image_task
@@ -122,6 +124,12 @@ def test_versions_explain_themselves_and_promotions_are_recorded(tmp_path, capsy
     with pytest.raises(review.ReviewError, match="reviewer's name and a reason"):
         review.promote(client, "review-colours", "2", "", "")
     assert len(review.history(client, "review-colours")) == 3
+
+    # The predict deployment's flow labels a folder with the champion: a file of JSON lines and a table.
+    labelled = predict_images(model="models:/review-colours@champion", images=str(data / "blue"), out="")
+    assert labelled["images"] == labelled["labelled"] == 10 and labelled["per_label"] == {"blue": 10}
+    assert len(Path(labelled["out"]).read_text().splitlines()) == 10
+    assert "10 of 10 image(s) labelled" in prefect_artifact("predict-results")[0].description
 
     # Nightly re-evaluation: the saved test split scores what was recorded; new, mislabelled photos (blue
     # photos filed under red) are a drop: recorded in MLflow and raised as a Prefect artifact.

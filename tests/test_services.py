@@ -8,30 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import api, free_port
 
 from visionroute import services, tracking
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def get(url: str, body: dict | None = None):
-    request = urllib.request.Request(
-        url,
-        data=json.dumps(body).encode() if body is not None else None,
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
 
 
 def visionroute(state: Path, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
@@ -62,17 +46,17 @@ def test_up_is_idempotent_recovers_and_down_stops_exactly_what_it_started(tmp_pa
         assert f"MLflow UI:  http://127.0.0.1:{mlflow_port}" in first.stdout
         assert f"export PREFECT_API_URL=http://127.0.0.1:{prefect_port}/api" in first.stdout
         assert f"export MLFLOW_TRACKING_URI=http://127.0.0.1:{mlflow_port}" in first.stdout
-        api = f"http://127.0.0.1:{prefect_port}/api"
+        prefect_api = f"http://127.0.0.1:{prefect_port}/api"
 
         # The UI in a browser is told the right API address, whatever the port.
-        assert get(f"http://127.0.0.1:{prefect_port}/ui-settings")["api_url"] == api
-        pools = {name: get(f"{api}/work_pools/{name}") for name in ("cpu", "gpu")}
+        assert api(f"http://127.0.0.1:{prefect_port}/ui-settings")["api_url"] == prefect_api
+        pools = {name: api(f"{prefect_api}/work_pools/{name}") for name in ("cpu", "gpu")}
         assert pools["cpu"]["type"] == pools["gpu"]["type"] == "process"
         assert pools["gpu"]["concurrency_limit"] == max(1, services.gpu_count())
-        deployments = {d["name"]: d for d in get(f"{api}/deployments/filter", {})}
+        deployments = {d["name"]: d for d in api(f"{prefect_api}/deployments/filter", {})}
         assert deployments["ants-vs-bees-weekly"]["work_pool_name"] == "cpu"
         # The MLflow server keeps its runs in SQLite under the state folder and serves artifacts itself.
-        assert get(f"http://127.0.0.1:{mlflow_port}/api/2.0/mlflow/experiments/search?max_results=5")
+        assert api(f"http://127.0.0.1:{mlflow_port}/api/2.0/mlflow/experiments/search?max_results=5")
         assert (state / "mlflow.db").exists() and (state / "prefect" / "prefect.db").exists()
         for name in ("prefect-server", "mlflow-server", "worker-cpu", "worker-gpu", "deploy"):
             assert (state / "logs" / f"{name}.log").stat().st_size > 0

@@ -18,7 +18,7 @@ from visionroute import tracking
 from visionroute.data.dataset import DatasetError, scan_dataset
 from visionroute.data.images import ImageRejected
 from visionroute.model_registry import CHAMPION, load_preprocessing
-from visionroute.review import _run_json
+from visionroute.review import run_json
 from visionroute.training.engine import evaluate
 
 
@@ -50,8 +50,8 @@ def reevaluate(client: MlflowClient, name: str, max_drop: float = 0.05) -> dict:
     version = client.get_model_version_by_alias(name, CHAMPION)
     run = client.get_run(version.run_id)
     parent = run.data.tags.get("mlflow.parentRunId")
-    split = _run_json(client, version.run_id, "data/split.json")
-    profile = _run_json(client, parent, "data/profile.json") if parent else None
+    split = run_json(client, version.run_id, "data/split.json")
+    profile = run_json(client, parent, "data/profile.json") if parent else None
     if not isinstance(split, dict) or not isinstance(profile, dict):
         raise DatasetError(f"{name} v{version.version} has no saved split or data profile to re-evaluate on")
     uri = f"models:/{name}/{version.version}"

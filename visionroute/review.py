@@ -161,7 +161,7 @@ def record_automatic(client: MlflowClient, name: str, version: str, previous: st
     _append(client, name, entry)
 
 
-def _run_json(client: MlflowClient, run_id: str, path: str) -> object | None:
+def run_json(client: MlflowClient, run_id: str, path: str) -> object | None:
     try:
         with tempfile.TemporaryDirectory() as folder:
             local = client.download_artifacts(run_id, path, folder)
@@ -179,7 +179,7 @@ def _digest(rows: list[dict]) -> str:
 def _decision(client: MlflowClient, run) -> dict:
     """The routing decision (decision.json) logged on the training run's parent run, or {}."""
     parent = run.data.tags.get("mlflow.parentRunId")
-    decision = _run_json(client, parent, "decision.json") if parent else None
+    decision = run_json(client, parent, "decision.json") if parent else None
     return decision if isinstance(decision, dict) else {}
 
 
@@ -191,7 +191,7 @@ def version_description(client: MlflowClient, name: str, version: str, compariso
     metrics = run.data.metrics
     parent = run.data.tags.get("mlflow.parentRunId")
     decision = _decision(client, run)
-    split = _run_json(client, found.run_id, "data/split.json")
+    split = run_json(client, found.run_id, "data/split.json")
     champion = comparison.get("champion") or {}
     challenger = comparison.get("challenger", {})
     lines = [

@@ -15,10 +15,10 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import api, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -34,22 +34,6 @@ BROWSER_ARGS = [
 RUN_TIMEOUT_S = 480
 
 pytestmark = pytest.mark.slow  # it trains (twice, one epoch each); `make test` runs it
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def api(url: str, body: dict | None = None):
-    request = urllib.request.Request(
-        url,
-        data=json.dumps(body).encode() if body is not None else None,
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=20) as response:
-        return json.loads(response.read())
 
 
 def tiny_ants_and_bees(root: Path, per_class: int = 12) -> Path:
