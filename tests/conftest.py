@@ -60,6 +60,22 @@ def api(url: str, body: dict | None = None):
         return json.loads(response.read())
 
 
+def prefect_artifact(key: str):
+    """The Prefect artifacts with this key, read from the server the test talks to."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+            )
+
+    return asyncio.run(read())
+
+
 COLOURS = {"red": (200, 40, 40), "blue": (40, 60, 200), "green": (40, 170, 60)}
 
 

@@ -5,13 +5,12 @@ Two real training runs of a task filled in through the flow's form (not a spec f
 
 from __future__ import annotations
 
-import asyncio
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from conftest import COLOURS, make_dataset, make_image
+from conftest import COLOURS, make_dataset, make_image, prefect_artifact
 from mlflow.tracking import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 from visionroute.flows.predict import predict_images
@@ -30,19 +29,6 @@ pytestmark = [pytest.mark.flow, pytest.mark.slow]
 def prefect_harness():
     with prefect_test_harness(server_startup_timeout=60):
         yield
-
-
-def prefect_artifact(key: str):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    async def read():
-        async with get_client() as client:
-            return await client.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
-            )
-
-    return asyncio.run(read())
 
 
 def test_versions_explain_themselves_and_promotions_are_recorded(tmp_path, capsys):
