@@ -220,15 +220,31 @@ def _spawn(component: Component, settings: Settings) -> dict:
 # ---- HTTP -----------------------------------------------------------------------------------------------------
 
 
-def _http(url: str, body: object | None = None, method: str | None = None, timeout: float = 10.0):
+def _http(
+    url: str, body: object | None = None, method: str | None = None, timeout: float = 10.0, retry_s: float = 0
+):
+    """JSON over HTTP. With `retry_s`, a busy server (5xx: SQLite locked under load, or not answering) is
+    asked again with backoff for that long; only for requests that are safe to repeat."""
     request = urllib.request.Request(
         url,
         data=json.dumps(body).encode() if body is not None else None,
         headers={"Content-Type": "application/json"},
         method=method,
     )
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        text = response.read().decode()
+    deadline, pause = time.monotonic() + retry_s, 0.5
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                text = response.read().decode()
+            break
+        except urllib.error.HTTPError as error:
+            if error.code < 500 or time.monotonic() + pause > deadline:
+                raise
+        except OSError:
+            if time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 5.0)
     return json.loads(text) if text.strip().startswith(("{", "[", "true", "false")) else text
 
 
@@ -422,28 +438,39 @@ def ensure_pools(settings: Settings) -> None:
 
     api = settings.prefect_api_url
     limits = {"cpu": None, "gpu": max(1, settings.gpus)}
-    for name, kind in POOLS.items():
-        try:
-            _http(f"{api}/work_pools/{name}")
-            exists = True
-        except urllib.error.HTTPError as error:
-            if error.code != 404:
-                raise
-            exists = False
-        if not exists:
-            _http(
-                f"{api}/work_pools/",
-                {
-                    "name": name,
-                    "type": kind,
-                    "description": "visionroute: "
-                    + ("CPU jobs" if name == "cpu" else "GPU jobs, one per GPU at a time"),
-                    "base_job_template": ProcessWorker.get_default_base_job_template(),
-                    "concurrency_limit": limits[name],
-                },
-            )
-        else:
-            _http(f"{api}/work_pools/{name}", {"concurrency_limit": limits[name]}, method="PATCH")
+    try:
+        for name, kind in POOLS.items():
+            try:
+                _http(f"{api}/work_pools/{name}", retry_s=60)
+                exists = True
+            except urllib.error.HTTPError as error:
+                if error.code != 404:
+                    raise
+                exists = False
+            if not exists:
+                try:
+                    _http(
+                        f"{api}/work_pools/",
+                        {
+                            "name": name,
+                            "type": kind,
+                            "description": "visionroute: "
+                            + ("CPU jobs" if name == "cpu" else "GPU jobs, one per GPU at a time"),
+                            "base_job_template": ProcessWorker.get_default_base_job_template(),
+                            "concurrency_limit": limits[name],
+                        },
+                        retry_s=60,  # a repeat after a create that did land answers 409, handled below
+                    )
+                    continue
+                except urllib.error.HTTPError as error:
+                    if error.code != 409:  # 409: created meanwhile (another `up`); set its limit below
+                        raise
+            _http(f"{api}/work_pools/{name}", {"concurrency_limit": limits[name]}, method="PATCH", retry_s=60)
+    except OSError as error:
+        raise ServiceError(
+            f"the Prefect server at {api} did not accept the work pools ({error}); see "
+            f"{settings.logs_dir / 'prefect-server.log'}, then run `visionroute up` again"
+        ) from None
 
 
 def apply_deployments(settings: Settings) -> None:
