@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -31,17 +32,19 @@ def champions(client: MlflowClient) -> list[str]:
     return sorted(names)
 
 
-def _crops(dataset, samples, prep) -> tuple[torch.Tensor, torch.Tensor, int]:
-    crops, labels, unreadable = [], [], 0
+def _stored(dataset, samples, prep) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The samples as the model's stored uint8 squares (as at registration), their labels, and how many
+    could no longer be read."""
+    stored, labels, unreadable = [], [], 0
     for sample in samples:
         try:
-            crops.append(prep.center_crop_uint8(prep.resize_short(dataset.load(sample))))
+            stored.append(prep.to_stored(dataset.load(sample)))
             labels.append(sample.label)
         except (ImageRejected, OSError):
             unreadable += 1
-    if not crops:
+    if not stored:
         return torch.zeros(0), torch.zeros(0, dtype=torch.long), unreadable
-    return torch.stack(crops), torch.tensor(labels), unreadable
+    return torch.from_numpy(np.stack(stored)), torch.tensor(labels), unreadable
 
 
 def reevaluate(client: MlflowClient, name: str, max_drop: float = 0.05) -> dict:
@@ -72,13 +75,13 @@ def reevaluate(client: MlflowClient, name: str, max_drop: float = 0.05) -> dict:
         "test_images_missing": len(test_refs) - len(test),
         "new_images": len(new),
     }
-    x, y, unreadable = _crops(dataset, test, prep)
+    x, y, unreadable = _stored(dataset, test, prep)
     report["test_images_unreadable"] = unreadable
     if len(y):
         report["test_accuracy"] = evaluate(model, x, y, prep)["accuracy"]
         report["test_accuracy_drift"] = round(report["test_accuracy"] - recorded, 6)
     if new:
-        x, y, _ = _crops(dataset, new, prep)
+        x, y, _ = _stored(dataset, new, prep)
         if len(y):
             report["new_data_accuracy"] = evaluate(model, x, y, prep)["accuracy"]
             report["new_data_drift"] = round(report["new_data_accuracy"] - recorded, 6)
