@@ -198,8 +198,12 @@ def test_the_users_day_in_a_browser(services, tmp_path, out_dir):
         progress = [a for a in artifacts if a["type"] == "progress"][0]
         assert progress["data"] == 100.0
         page.get_by_text("Artifacts", exact=True).first.click()
-        page.get_by_text("ants-vs-bees version 2").first.wait_for()
+        page.wait_for_load_state("networkidle")
         page.screenshot(path=str(out_dir / "04-run-artifacts.png"), full_page=True)
+        link = next(a for a in artifacts if a["key"] == "ants-vs-bees-model-version")
+        page.goto(f"{prefect}/artifacts/artifact/{link['id']}")
+        page.get_by_text("ants-vs-bees version 2").first.wait_for()
+        page.screenshot(path=str(out_dir / "04b-link-to-mlflow-version.png"), full_page=True)
 
         # 4. The MLflow UI: version 2 with an alias and its description.
         client = MlflowClient(env["MLFLOW_TRACKING_URI"])
@@ -241,4 +245,4 @@ def test_the_users_day_in_a_browser(services, tmp_path, out_dir):
         assert "checked the confusion matrix" in page.inner_text("body")
         page.screenshot(path=str(out_dir / "09-mlflow-history.png"), full_page=True)
         browser.close()
-    assert len(list(out_dir.glob("*.png"))) == 9
+    assert len(list(out_dir.glob("*.png"))) == 10
