@@ -32,7 +32,11 @@ def prefect_harness():
 
 
 def test_versions_explain_themselves_and_promotions_are_recorded(tmp_path, capsys):
-    data = make_dataset(tmp_path / "data", per_class=10)
+    # A given test split of 15 per class: the smallest on which a champion can be chosen (30 and 5 per class).
+    data = make_dataset(tmp_path / "data", per_class=10, splits=("train",))
+    for name in ("red", "blue"):
+        for index in range(15):
+            make_image(data / "test" / name / f"{name}_{index}.jpg", COLOURS[name], 1000 + index)
     form = TaskForm(
         name="review-colours",
         classes=["red", "blue"],
@@ -112,10 +116,12 @@ def test_versions_explain_themselves_and_promotions_are_recorded(tmp_path, capsy
     assert len(review.history(client, "review-colours")) == 3
 
     # The predict deployment's flow labels a folder with the champion: a file of JSON lines and a table.
-    labelled = predict_images(model="models:/review-colours@champion", images=str(data / "blue"), out="")
-    assert labelled["images"] == labelled["labelled"] == 10 and labelled["per_label"] == {"blue": 10}
-    assert len(Path(labelled["out"]).read_text().splitlines()) == 10
-    assert "10 of 10 image(s) labelled" in prefect_artifact("predict-results")[0].description
+    labelled = predict_images(
+        model="models:/review-colours@champion", images=str(data / "test" / "blue"), out=""
+    )
+    assert labelled["images"] == labelled["labelled"] == 15 and labelled["per_label"] == {"blue": 15}
+    assert len(Path(labelled["out"]).read_text().splitlines()) == 15
+    assert "15 of 15 image(s) labelled" in prefect_artifact("predict-results")[0].description
 
     # Nightly re-evaluation: the saved test split scores what was recorded; new, mislabelled photos (blue
     # photos filed under red) are a drop: recorded in MLflow and raised as a Prefect artifact.
@@ -124,7 +130,7 @@ def test_versions_explain_themselves_and_promotions_are_recorded(tmp_path, capsy
         ("review-colours", "1", 0.0, False)
     ]
     for index in range(6):
-        make_image(data / "red" / f"new_{index}.jpg", COLOURS["blue"], 900 + index)
+        make_image(data / "train" / "red" / f"new_{index}.jpg", COLOURS["blue"], 900 + index)
     drifted = reevaluate_champions(names=["review-colours"], max_drop=0.05)[0]
     assert drifted["new_images"] == 6 and drifted["new_data_accuracy"] <= 0.5 and drifted["dropped"]
     assert "accuracy dropped" in prefect_artifact("review-colours-drift-alert")[0].data

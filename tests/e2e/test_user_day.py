@@ -36,12 +36,15 @@ RUN_TIMEOUT_S = 480
 pytestmark = pytest.mark.slow  # it trains (twice, one epoch each); `make test` runs it
 
 
-def tiny_ants_and_bees(root: Path, per_class: int = 12) -> Path:
-    for name in ("ants", "bees"):
-        photos = sorted((REPO / "examples" / "data" / "ants_bees" / "train" / name).glob("*.jpg"))[:per_class]
-        (root / name).mkdir(parents=True)
-        for photo in photos:
-            shutil.copy(photo, root / name / photo.name)
+def tiny_ants_and_bees(root: Path, train: int = 12, test: int = 15) -> Path:
+    """Real photos: `train` per class to train on, and a given test split of `test` per class (15 x 2 is the
+    smallest on which a champion can be chosen)."""
+    source = REPO / "examples" / "data" / "ants_bees"
+    for split, count, folder in (("train", train, "train"), ("test", test, "val")):
+        for name in ("ants", "bees"):
+            (root / split / name).mkdir(parents=True)
+            for photo in sorted((source / folder / name).glob("*.jpg"))[:count]:
+                shutil.copy(photo, root / split / name / photo.name)
     return root
 
 
