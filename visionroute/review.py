@@ -194,7 +194,9 @@ def version_description(client: MlflowClient, name: str, version: str, compariso
     split = run_json(client, found.run_id, "data/split.json")
     champion = comparison.get("champion") or {}
     challenger = comparison.get("challenger", {})
-    lines = [
+    # The registration's one-line summary (accuracy with its interval) stays first: readers and lists show it.
+    lines = [found.description, ""] if found.description else []
+    lines += [
         f"## {name} v{version}: {'champion' if comparison.get('promoted') else 'challenger'}",
         "",
         f"**Route** `{tags.get('route', '?')}` by rule `{tags.get('rule', '?')}`; model `{tags.get('model', '?')}`, "
