@@ -9,7 +9,7 @@ export PREFECT_HOME ?= $(CURDIR)/.state/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench clean up status down
 
 install: $(STAMP)
 
@@ -39,6 +39,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	@mkdir -p $(PREFECT_HOME)
 	$(PY) -m pytest -q
+
+# The user's day: Prefect + MLflow servers, work pools, deployments and workers (see README, "Operating").
+# PREFECT_PORT=4300 MLFLOW_PORT=5300 make up picks other ports.
+up: $(STAMP)
+	$(VENV)/bin/visionroute up $(if $(PREFECT_PORT),--prefect-port $(PREFECT_PORT)) $(if $(MLFLOW_PORT),--mlflow-port $(MLFLOW_PORT))
+
+status: $(STAMP)
+	$(VENV)/bin/visionroute status
+
+down: $(STAMP)
+	$(VENV)/bin/visionroute down
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import (
+    create_link_artifact,
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
@@ -27,7 +28,9 @@ from visionroute.data.validation import ValidationReport
 from visionroute.decision.costs import load_prices
 from visionroute.decision.report import cost_rows, decision_markdown
 from visionroute.decision.rules import escalate
+from visionroute.forms import RunOverrides, TaskForm, resolve_spec
 from visionroute.planning import Plan, plan
+from visionroute.spec import load_spec
 
 
 def _key(name: str, suffix: str) -> str:
@@ -145,27 +148,28 @@ def open_tracking(result: Plan, spec_path: str, prices_path: str | None) -> str:
 
 
 @flow(name="run-backend", flow_run_name="{route}")
-def run_backend(route: str, result: Plan, parent_run_id: str, prices_path: str | None = None) -> dict:
-    """The chosen route's backend, as a sub-flow with its own progress artifact."""
+def run_backend(
+    route: str,
+    result: Plan,
+    parent_run_id: str,
+    prices_path: str | None = None,
+    progress_id: str | None = None,
+) -> dict:
+    """The chosen route's backend, as a sub-flow; it moves the progress bar of the run the user triggered."""
     spec = result.spec
-    progress_id = create_progress_artifact(
-        progress=0.0,
-        key=_key(spec.name, "progress"),
-        description=f"{route}: images annotated" if route == "vision_api" else f"{route}: epochs done",
-    )
 
     def on_progress(record: dict) -> None:
         done, total = (
             (record["done"], record["total"]) if "done" in record else (record["epoch"], record["epochs"])
         )
-        update_progress_artifact(progress_id, progress=100.0 * done / max(1, total))
+        if progress_id:
+            update_progress_artifact(progress_id, progress=PLANNED + (DONE - PLANNED) * done / max(1, total))
 
     work_dir = tracking.state_dir() / "runs" / parent_run_id
     context = BackendContext(
         spec, result.decision, result.dataset, parent_run_id, work_dir, on_progress, prices_path
     )
     outcome = create_backend(route).run(context)
-    update_progress_artifact(progress_id, progress=100.0)
     create_table_artifact(
         key=_key(spec.name, "result"),
         table=[{"metric": key, "value": value} for key, value in sorted(outcome.metrics.items())],
@@ -212,11 +216,67 @@ def fit_test_task(result: Plan, parent_run_id: str, prices_path: str | None) -> 
     return replace(result, decision=escalated)
 
 
+# The triggered run's progress bar: planning (validation, profiling, domain measurement) to PLANNED, the
+# backend's epochs or images to DONE, tracking and registration to 100.
+PLANNED, DONE = 10.0, 95.0
+
+
+def _publish_links(name: str, parent_run_id: str, outcome: dict) -> None:
+    """Where to look in MLflow: link artifacts when MLflow is a server (its UI), markdown ids otherwise."""
+    client = tracking.configure()
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    ui = tracking.ui_url()
+    version = outcome.get("model_version")
+    if ui:
+        create_link_artifact(
+            key=_key(name, "mlflow-run"),
+            link=f"{ui}/#/experiments/{experiment}/runs/{parent_run_id}",
+            link_text=f"MLflow run {parent_run_id}",
+            description="This run in MLflow: decision, spec, data profile, the backend's nested run",
+        )
+        if version:
+            create_link_artifact(
+                key=_key(name, "model-version"),
+                link=f"{ui}/#/models/{outcome['model_name']}/versions/{version}",
+                link_text=f"{outcome['model_name']} version {version}",
+                description="The registered version: description, aliases, comparison with the champion",
+            )
+        return
+    lines = [f"MLflow store `{tracking.tracking_uri()}`, experiment {experiment}, run `{parent_run_id}`"]
+    if version:
+        lines.append(f"registered version `models:/{outcome['model_name']}/{version}`")
+    create_markdown_artifact(key=_key(name, "mlflow"), markdown="\n\n".join(lines))
+
+
 @flow(name="route-image-task", log_prints=True)
-def route_image_task(spec_path: str, prices_path: str | None = None) -> dict:
-    """Route one image task end to end; returns the decision and the backend's result."""
-    spec_path = str(Path(spec_path).resolve())
+def route_image_task(
+    spec_path: str = "",
+    prices_path: str = "",
+    task: TaskForm = TaskForm(),  # noqa: B008 (frozen: the shared default cannot change)
+    overrides: RunOverrides = RunOverrides(),  # noqa: B008
+) -> dict:
+    """Route one image task end to end; returns the decision and the backend's result.
+
+    Args:
+        spec_path: An existing task spec file on the worker, relative to the repository root, e.g.
+            examples/tasks/ants-vs-bees.yaml. Leave empty to route the task filled in below instead.
+        prices_path: A price file of your own (empty: VISIONROUTE_PRICES or the bundled prices.yaml).
+        task: A new task, filled in here instead of a spec file (used only when spec_path is empty).
+        overrides: Changes for this run only: a shorter budget, fewer epochs, a forced route.
+    """
+    prices_path = prices_path or None
+    work = tracking.state_dir()
+    spec_path = str(resolve_spec(spec_path, task, overrides, work / "specs", Path.cwd()))
+    name = load_spec(spec_path).name
+    progress_id = str(
+        create_progress_artifact(
+            progress=0.0,
+            key=_key(name, "progress"),
+            description=f"{name}: planning to {PLANNED:.0f}%, training or annotation to {DONE:.0f}%, then tracking",
+        )
+    )
     result = plan_task(spec_path, prices_path)
+    update_progress_artifact(progress_id, progress=PLANNED)
     parent_run_id = open_tracking(result, spec_path, prices_path)
     client = tracking.configure()
     try:
@@ -229,13 +289,15 @@ def route_image_task(spec_path: str, prices_path: str | None = None) -> dict:
             if result.dataset is None:
                 raise DatasetError("a target_accuracy needs labelled images for the fit test: set data.path")
             result = fit_test_task(result, parent_run_id, prices_path)
-        outcome = run_backend(result.decision.route, result, parent_run_id, prices_path)
+        outcome = run_backend(result.decision.route, result, parent_run_id, prices_path, progress_id)
     except BaseException as error:
         client.set_tag(parent_run_id, "visionroute.error", str(error)[:5000])
         client.set_terminated(parent_run_id, "FAILED")
         raise
     tracking.log_json(client, parent_run_id, outcome, "result.json")
     client.set_terminated(parent_run_id, "FINISHED")
+    _publish_links(result.spec.name, parent_run_id, outcome)
+    update_progress_artifact(progress_id, progress=100.0)
     print(outcome["summary"])
     return {
         "decision": result.decision.to_dict(),

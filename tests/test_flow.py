@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import COLOURS, make_dataset, make_image, write_spec
+from conftest import COLOURS, make_dataset, make_image, prefect_artifact, write_spec
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -57,19 +56,6 @@ training: {model: tf_efficientnet_lite0, epochs: 1, budget_minutes: 2}
 
 def artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
     return {item.path for item in client.list_artifacts(run_id, path)}
-
-
-def prefect_artifact(key: str):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    async def read():
-        async with get_client() as client:
-            return await client.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
-            )
-
-    return asyncio.run(read())
 
 
 def test_route_trains_tracks_registers_and_promotes(task_spec, tmp_path):

@@ -3,38 +3,19 @@
 from __future__ import annotations
 
 import html
-import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_dataset, write_spec
+from conftest import REPO, api, free_port, make_dataset, write_spec
 
 pytestmark = pytest.mark.flow
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def api(url: str, body: dict | None = None):
-    request = urllib.request.Request(
-        url,
-        data=json.dumps(body).encode() if body is not None else None,
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +73,14 @@ def test_cli_run_lands_on_a_running_server(server, tmp_path):
 def test_deployment_file_deploys_with_its_schedule(server):
     env = {**server, "PWD": str(REPO)}
     prefect = str(BIN / "prefect")
-    subprocess.run(
-        [prefect, "work-pool", "create", "visionroute-local", "--type", "process"],
-        env=env,
-        check=True,
-        capture_output=True,
-        cwd=REPO,
-    )
+    for pool in ("cpu", "gpu"):
+        subprocess.run(
+            [prefect, "work-pool", "create", pool, "--type", "process", "--overwrite"],
+            env=env,
+            check=True,
+            capture_output=True,
+            cwd=REPO,
+        )
     done = subprocess.run(
         [prefect, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--all"],
         env=env,
@@ -113,7 +95,9 @@ def test_deployment_file_deploys_with_its_schedule(server):
     assert weekly["entrypoint"] == "flows/route.py:route_image_task"
     assert weekly["parameters"] == {"spec_path": "examples/tasks/ants-vs-bees.yaml"}
     assert weekly["schedules"][0]["schedule"]["cron"] == "0 6 * * 1"
-    assert weekly["job_variables"]["env"]["VISIONROUTE_STATE"] == f"{REPO}/.state"
+    assert weekly["work_pool_name"] == "cpu"
+    # No state folder baked in: workers take VISIONROUTE_STATE and MLFLOW_TRACKING_URI from their environment.
+    assert "VISIONROUTE_STATE" not in weekly["job_variables"].get("env", {})
     assert "route-any-task" in deployments
 
 

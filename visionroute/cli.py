@@ -41,7 +41,7 @@ def _decide(args) -> int:
 def _run(args) -> int:
     from visionroute.flows.route import route_image_task
 
-    outcome = route_image_task(args.spec, args.prices)
+    outcome = route_image_task(args.spec, args.prices or "")
     result = outcome["result"]
     print(f"\nparent MLflow run: {outcome['parent_run_id']}  (tracking store: {outcome['tracking_uri']})")
     if result.get("model_version"):
@@ -126,6 +126,80 @@ def _fit_test(args) -> int:
     return 0
 
 
+def _promote(args) -> int:
+    from visionroute import review, tracking
+
+    client = tracking.configure()
+    if args.command == "promote":
+        entry = review.promote(client, args.name, args.version, args.reviewer, args.reason)
+    else:
+        entry = review.rollback(client, args.name, args.reviewer, args.reason)
+    previous = f"v{entry['previous']}" if entry["previous"] else "none"
+    print(
+        f"{args.name}: champion {previous} -> v{entry['version']} ({entry['action']} by {entry['reviewer']})"
+    )
+    return 0
+
+
+def _history(args) -> int:
+    from datetime import datetime
+
+    from visionroute import review, tracking
+
+    client = tracking.configure()
+    if args.at:
+        entry = review.champion_on(client, args.name, datetime.fromisoformat(args.at))
+        if entry is None:
+            print(f"{args.name} had no champion on {args.at}")
+            return 0
+        print(json.dumps(entry, indent=2))
+        return 0
+    print(review.history_markdown(client, args.name))
+    return 0
+
+
+def _up(args) -> int:
+    from visionroute import services, tracking
+
+    state = tracking.state_dir()
+    running = services.running_settings(state)
+    settings = services.Settings(
+        state=state,
+        host=args.host or (running.host if running else services.DEFAULT_HOST),
+        prefect_port=args.prefect_port
+        or (running.prefect_port if running else services.DEFAULT_PREFECT_PORT),
+        mlflow_port=args.mlflow_port or (running.mlflow_port if running else services.DEFAULT_MLFLOW_PORT),
+        gpus=services.gpu_count() if args.gpus is None else args.gpus,
+    )
+    report = services.up(settings, echo=lambda line: print(line, file=sys.stderr), timeout=args.timeout)
+    if report.already:
+        print(f"already running: {', '.join(report.already)}", file=sys.stderr)
+    if report.started:
+        print(f"started: {', '.join(report.started)}", file=sys.stderr)
+    print(f"Prefect UI: {settings.prefect_url}\nMLflow UI:  {settings.mlflow_url}")
+    print("# for this shell (the CLI then runs on these servers):")
+    for name, value in settings.exports().items():
+        print(f"export {name}={value}")
+    return 0
+
+
+def _status(args) -> int:
+    from visionroute import services, tracking
+
+    rows = services.status(tracking.state_dir())
+    for row in rows:
+        print(row.line())
+    return 0 if all(row.state == "running" for row in rows) else 3
+
+
+def _down(args) -> int:
+    from visionroute import services, tracking
+
+    stopped = services.down(tracking.state_dir(), echo=lambda line: print(line, file=sys.stderr))
+    print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+    return 0
+
+
 def _backends(args) -> int:
     from visionroute.backends import list_backends
 
@@ -200,6 +274,36 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--prices")
     fit.set_defaults(handler=_fit_test)
 
+    promote = commands.add_parser(
+        "promote", help="make a registered version champion, recorded with who and why"
+    )
+    promote.add_argument("name", help="registered model (the task's name)")
+    promote.add_argument("version", help="the version to make champion")
+    rollback = commands.add_parser("rollback", help="give champion back to the version it replaced")
+    rollback.add_argument("name", help="registered model (the task's name)")
+    for command in (promote, rollback):
+        command.add_argument("--reviewer", required=True, help="who decides")
+        command.add_argument("--reason", required=True, help="why, in a sentence")
+        command.set_defaults(handler=_promote)
+    history = commands.add_parser("history", help="who made which version champion, and when")
+    history.add_argument("name", help="registered model (the task's name)")
+    history.add_argument("--at", help="ISO date/time: which version was champion then, and who decided")
+    history.set_defaults(handler=_history)
+
+    up = commands.add_parser(
+        "up", help="start Prefect and MLflow servers, work pools, deployments and workers (idempotent)"
+    )
+    up.add_argument("--host", help="interface to bind (default 127.0.0.1)")
+    up.add_argument("--prefect-port", type=int, help="Prefect UI/API port (default 4200)")
+    up.add_argument("--mlflow-port", type=int, help="MLflow UI/API port (default 5000)")
+    up.add_argument("--gpus", type=int, help="GPUs for the gpu pool's limit (default: as nvidia-smi lists)")
+    up.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for everything to start")
+    up.set_defaults(handler=_up)
+    status = commands.add_parser("status", help="each component `up` started: state, pid, URL, health")
+    status.set_defaults(handler=_status)
+    down = commands.add_parser("down", help="stop exactly what `up` started")
+    down.set_defaults(handler=_down)
+
     backends = commands.add_parser("backends", help="list the registered route backends")
     backends.set_defaults(handler=_backends)
     return parser
@@ -209,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     from visionroute.backends import BackendUnavailable
     from visionroute.data.dataset import DatasetError
     from visionroute.decision.rules import CannotDecide
+    from visionroute.review import ReviewError
+    from visionroute.services import ServiceError
     from visionroute.spec import SpecError
     from visionroute.training.weights import WeightsError
     from visionroute.vision.base import ApiError, ProviderConfigError
@@ -216,10 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (SpecError, DatasetError, CannotDecide, ValueError) as error:
+    except (SpecError, DatasetError, CannotDecide, ReviewError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return BAD_INPUT
-    except (BackendUnavailable, WeightsError, ApiError, ProviderConfigError) as error:
+    except (BackendUnavailable, WeightsError, ApiError, ProviderConfigError, ServiceError) as error:
         print(f"error: {error}", file=sys.stderr)
         return FAILED
 

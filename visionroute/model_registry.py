@@ -23,6 +23,7 @@ import torch
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
+from visionroute import review
 from visionroute.decision.policy import DEFAULT_POLICY
 from visionroute.training.engine import evaluate
 from visionroute.training.metrics import format_accuracy
@@ -153,12 +154,15 @@ def register_and_promote(
     except mlflow.exceptions.MlflowException:
         client.create_registered_model(name, description=f"visionroute task {name}")
     current = _champion_on_split(client, name, classes, test_set)
+    # An MLflow server (REST store) refuses a models:/m-... source unless model_id names that logged model.
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
     version = client.create_model_version(
         name,
         model_uri,
         run_id=run_id,
         tags={k: str(v) for k, v in tags.items()},
         description=f"test accuracy {format_accuracy(test_metrics)} on split {split_digest}",
+        model_id=model_id,
     )
     try:
         challenger = {
@@ -192,6 +196,8 @@ def register_and_promote(
         client.set_registered_model_alias(name, CHALLENGER, version.version)
         if promoted:
             client.set_registered_model_alias(name, CHAMPION, version.version)
+        # What a reviewer reads: version and model descriptions, and the alias history (visionroute.review).
+        review.record_registration(client, name, str(version.version), comparison, tags)
     except Exception:
         client.delete_model_version(name, version.version)
         raise

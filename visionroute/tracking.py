@@ -21,8 +21,21 @@ def state_dir() -> Path:
 
 
 def tracking_uri() -> str:
-    """$MLFLOW_TRACKING_URI, else a SQLite file in the state folder as an absolute path (workers change dir)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state_dir() / 'mlflow.db'}"
+    """$MLFLOW_TRACKING_URI, else the MLflow server `visionroute up` runs on this state folder, else a SQLite
+    file in the state folder as an absolute path (workers change dir)."""
+    from visionroute.services import served_mlflow_url
+
+    return (
+        os.environ.get("MLFLOW_TRACKING_URI")
+        or served_mlflow_url(state_dir())
+        or f"sqlite:///{state_dir() / 'mlflow.db'}"
+    )
+
+
+def ui_url() -> str | None:
+    """The MLflow UI's address when tracking goes to an MLflow server (http/https), else None."""
+    uri = tracking_uri()
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else None
 
 
 def configure() -> MlflowClient:

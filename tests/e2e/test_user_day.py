@@ -1,0 +1,251 @@
+"""The user's day in a real browser: `visionroute up`, the Prefect UI's deployment and run form, the MLflow
+registry, a promotion through the review-model form, `visionroute down`.
+
+Playwright for Python drives Debian's Chromium (`playwright install` cannot download browsers here). Each step
+saves a screenshot under out/e2e/ in the repository (override with VISIONROUTE_E2E_OUT). Tiny data (24 real
+ant and bee photos) and a one-epoch budget keep it to a few minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import api, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's; `make install` installs it
+BROWSER_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+RUN_TIMEOUT_S = 480
+
+pytestmark = pytest.mark.slow  # it trains (twice, one epoch each); `make test` runs it
+
+
+def tiny_ants_and_bees(root: Path, train: int = 12, test: int = 15) -> Path:
+    """Real photos: `train` per class to train on, and a given test split of `test` per class (15 x 2 is the
+    smallest on which a champion can be chosen)."""
+    source = REPO / "examples" / "data" / "ants_bees"
+    for split, count, folder in (("train", train, "train"), ("test", test, "val")):
+        for name in ("ants", "bees"):
+            (root / split / name).mkdir(parents=True)
+            for photo in sorted((source / folder / name).glob("*.jpg"))[:count]:
+                shutil.copy(photo, root / split / name / photo.name)
+    return root
+
+
+def field(scope, label: str):
+    """The form property whose own label is `label` (not a nested one's)."""
+    return scope.locator(
+        "xpath=.//div[contains(@class,'schema-form-property')]"
+        "[./div[contains(@class,'p-label__header')]//span[contains(@class,'schema-form-property__label')"
+        f" and normalize-space()='{label}']]"
+    ).first
+
+
+@pytest.fixture
+def out_dir() -> Path:
+    folder = Path(os.environ.get("VISIONROUTE_E2E_OUT", REPO / "out" / "e2e"))
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+@pytest.fixture
+def services(tmp_path):
+    """`visionroute up` on free ports with its own state folder; `visionroute down` whatever happens."""
+    state = tmp_path / "state"
+    env = {**os.environ, "VISIONROUTE_STATE": str(state)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("PREFECT_API_URL", None)
+    ports = free_port(), free_port()
+    up = subprocess.run(
+        [str(BIN / "visionroute"), "up", "--prefect-port", str(ports[0]), "--mlflow-port", str(ports[1])],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    try:
+        assert up.returncode == 0, up.stderr[-3000:]
+        exports = dict(
+            line.removeprefix("export ").split("=", 1)
+            for line in up.stdout.splitlines()
+            if line.startswith("export ")
+        )
+        yield {
+            "env": {**env, **exports},
+            "state": state,
+            "prefect": f"http://127.0.0.1:{ports[0]}",
+            "mlflow": f"http://127.0.0.1:{ports[1]}",
+        }
+    finally:
+        down = subprocess.run(
+            [str(BIN / "visionroute"), "down"], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert down.returncode == 0, down.stderr[-2000:]
+        for port in ports:  # nothing left listening
+            with socket.socket() as sock:
+                assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still open after down"
+
+
+def wait_for_state(page, url: str, shot: Path, logs: Path) -> str:
+    """Reload the flow run's page until the UI shows a final state; returns it."""
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        page.goto(url)
+        page.wait_for_load_state("networkidle")
+        text = page.inner_text("body")
+        for state in ("Completed", "Failed", "Crashed", "Cancelled"):
+            if f"\n{state}\n" in f"\n{text}\n":
+                page.screenshot(path=str(shot), full_page=True)
+                if state != "Completed":
+                    worker = (logs / "worker-cpu.log").read_text(errors="replace")[-4000:]
+                    pytest.fail(f"the run ended {state} in the UI; worker log:\n{worker}")
+                return state
+        time.sleep(5)
+    page.screenshot(path=str(shot), full_page=True)
+    pytest.fail(f"the run did not finish within {RUN_TIMEOUT_S} s; see {shot}")
+
+
+def submit_custom_run(page, prefect: str, deployment_id: str, shot: Path) -> str:
+    """Press Submit on the form; once the UI confirms, returns the new flow run's page."""
+    page.get_by_role("button", name="Submit").click()
+    try:
+        page.get_by_text("scheduled to start now").first.wait_for(timeout=120_000)
+    except Exception:
+        page.screenshot(path=str(shot), full_page=True)
+        pytest.fail(f"the UI did not confirm the submitted run; see {shot}")
+    runs = api(
+        f"{prefect}/api/flow_runs/filter",
+        {"deployments": {"id": {"any_": [deployment_id]}}, "limit": 200},
+    )
+    manual = [run for run in runs if not run["auto_scheduled"]]
+    assert manual, "the UI confirmed a run the API does not list"
+    newest = max(manual, key=lambda run: run["created"])
+    return f"{prefect}/runs/flow-run/{newest['id']}"
+
+
+def test_the_users_day_in_a_browser(services, tmp_path, out_dir):
+    from mlflow.tracking import MlflowClient
+    from playwright.sync_api import sync_playwright
+
+    prefect, mlflow_ui, env = services["prefect"], services["mlflow"], services["env"]
+    data = tiny_ants_and_bees(tmp_path / "ants_bees")
+    spec = tmp_path / "ants-vs-bees.yaml"
+    spec.write_text(
+        "name: ants-vs-bees\ntask: classify\ndata: {path: ./ants_bees}\ndomain: natural\n"
+        "constraints: {monthly_volume: 50000}\ntraining: {model: tf_efficientnet_lite0, budget_minutes: 1, epochs: 1}\n"
+    )
+    assert data.exists()
+    # Yesterday's champion, trained from the command line against the same servers (the `export` lines).
+    seeded = subprocess.run(
+        [str(BIN / "visionroute"), "run", str(spec)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert seeded.returncode == 0, seeded.stderr[-3000:]
+    assert "registered model: models:/ants-vs-bees/1" in seeded.stdout
+    deployments = {d["name"]: d["id"] for d in api(f"{prefect}/api/deployments/filter", {})}
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+
+        # 1. The ants-vs-bees deployment shows its weekly schedule.
+        page.goto(f"{prefect}/deployments/deployment/{deployments['ants-vs-bees-weekly']}")
+        schedule = page.get_by_text("At 06:00 AM, only on Monday")
+        schedule.first.wait_for()
+        page.screenshot(path=str(out_dir / "01-deployment-schedule.png"), full_page=True)
+
+        # 2. A custom run from the form: this spec, a shorter budget (the form explains every field).
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.get_by_text("Custom run", exact=True).click()
+        page.wait_for_url("**/run?**")
+        spec_field = field(page, "spec_path (Optional)")
+        assert "An existing task spec file on the worker" in spec_field.inner_text()
+        spec_field.locator("textarea").fill(str(spec))
+        overrides = field(page, "overrides (Optional)")
+        field(overrides, "Budget Minutes (Optional)").locator("input").fill("0.5")
+        field(overrides, "Epochs (Optional)").locator("input").fill("1")
+        assert "Force a route for this run" in overrides.inner_text()
+        page.screenshot(path=str(out_dir / "02-custom-run-form.png"), full_page=True)
+        run_url = submit_custom_run(
+            page, prefect, deployments["ants-vs-bees-weekly"], out_dir / "02b-submit-failed.png"
+        )
+
+        # 3. The UI shows it Completed; the run itself carries the progress bar and the MLflow links.
+        wait_for_state(page, run_url, out_dir / "03-run-completed.png", services["state"] / "logs")
+        run_id = run_url.rsplit("/", 1)[-1]
+        run = api(f"{prefect}/api/flow_runs/{run_id}")
+        assert run["parameters"]["overrides"]["budget_minutes"] == 0.5
+        artifacts = api(f"{prefect}/api/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
+        kinds = {(a["key"], a["type"]) for a in artifacts}
+        assert ("ants-vs-bees-progress", "progress") in kinds
+        links = {a["key"]: a["data"] for a in artifacts}
+        assert f"({mlflow_ui}/#/models/ants-vs-bees/versions/2)" in links["ants-vs-bees-model-version"]
+        assert f"({mlflow_ui}/#/experiments/" in links["ants-vs-bees-mlflow-run"]
+        progress = [a for a in artifacts if a["type"] == "progress"][0]
+        assert progress["data"] == 100.0
+        page.get_by_text("Artifacts", exact=True).first.click()
+        page.wait_for_load_state("networkidle")
+        page.screenshot(path=str(out_dir / "04-run-artifacts.png"), full_page=True)
+        link = next(a for a in artifacts if a["key"] == "ants-vs-bees-model-version")
+        page.goto(f"{prefect}/artifacts/artifact/{link['id']}")
+        page.get_by_text("ants-vs-bees version 2").first.wait_for()
+        page.screenshot(path=str(out_dir / "04b-link-to-mlflow-version.png"), full_page=True)
+
+        # 4. The MLflow UI: version 2 with an alias and its description.
+        client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+        aliases = client.get_model_version("ants-vs-bees", "2").aliases
+        assert {"challenger"} <= set(aliases)
+        page.goto(f"{mlflow_ui}/#/models/ants-vs-bees")
+        page.get_by_text("Version 2").first.wait_for()
+        assert "challenger" in page.inner_text("body")
+        page.screenshot(path=str(out_dir / "05-mlflow-model.png"), full_page=True)
+        page.goto(f"{mlflow_ui}/#/models/ants-vs-bees/versions/2")
+        page.get_by_text("on the same test split").first.wait_for()
+        assert "by rule" in page.inner_text("body")
+        page.screenshot(path=str(out_dir / "06-mlflow-version.png"), full_page=True)
+
+        # 5. review-model from its form: make the version that is not champion the champion, with a reason.
+        champion = str(client.get_model_version_by_alias("ants-vs-bees", "champion").version)
+        target = "1" if champion == "2" else "2"
+        page.goto(f"{prefect}/deployments/deployment/{deployments['review-model']}/run")
+        field(page, "reviewer (Optional)").wait_for()
+        field(page, "version (Optional)").locator("textarea, input").first.fill(target)
+        field(page, "reviewer (Optional)").locator("textarea, input").first.fill("Ada Reviewer")
+        field(page, "reason (Optional)").locator("textarea, input").first.fill("checked the confusion matrix")
+        page.screenshot(path=str(out_dir / "07-review-form.png"), full_page=True)
+        review_url = submit_custom_run(
+            page, prefect, deployments["review-model"], out_dir / "07b-submit-failed.png"
+        )
+        wait_for_state(page, review_url, out_dir / "08-review-completed.png", services["state"] / "logs")
+
+        # 6. The alias history shows the change, with who and why, in the registry and in the MLflow UI.
+        assert str(client.get_model_version_by_alias("ants-vs-bees", "champion").version) == target
+        history = json.loads(client.get_registered_model("ants-vs-bees").tags["visionroute.alias_history"])
+        assert (history[-1]["version"], history[-1]["previous"], history[-1]["reviewer"]) == (
+            target,
+            champion,
+            "Ada Reviewer",
+        )
+        page.goto(f"{mlflow_ui}/#/models/ants-vs-bees")
+        page.get_by_text("Ada Reviewer").first.wait_for()
+        assert "checked the confusion matrix" in page.inner_text("body")
+        page.screenshot(path=str(out_dir / "09-mlflow-history.png"), full_page=True)
+        browser.close()
+    assert len(list(out_dir.glob("*.png"))) == 10
