@@ -39,8 +39,14 @@ def _decide(args) -> int:
 
 
 def _run(args) -> int:
+    from visionroute import tracking
+    from visionroute.prefect_api import ensure_api
+
+    tracking.check_store()  # seconds, before any data is read or any server started
+    ensure_api()
     from visionroute.flows.route import route_image_task
 
+    _quiet_expected_tracebacks()
     outcome = route_image_task(args.spec, args.prices)
     result = outcome["result"]
     print(f"\nparent MLflow run: {outcome['parent_run_id']}  (tracking store: {outcome['tracking_uri']})")
@@ -126,6 +132,16 @@ def _fit_test(args) -> int:
     return 0
 
 
+def _repair(args) -> int:
+    from visionroute.repair import repair
+
+    actions = repair(args.task or None)
+    for action in actions:
+        print(json.dumps(action))
+    print(f"{len(actions)} repair(s)", file=sys.stderr)
+    return 0
+
+
 def _backends(args) -> int:
     from visionroute.backends import list_backends
 
@@ -200,28 +216,63 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--prices")
     fit.set_defaults(handler=_fit_test)
 
+    repair = commands.add_parser(
+        "repair",
+        help="mark runs of killed processes KILLED and remove half-registered model versions (the route flow "
+        "does this for its own task)",
+    )
+    repair.add_argument("task", nargs="*", help="task names (default: every task in the store)")
+    repair.set_defaults(handler=_repair)
+
     backends = commands.add_parser("backends", help="list the registered route backends")
     backends.set_defaults(handler=_backends)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _expected_errors() -> dict[type[BaseException], int]:
+    """Errors that are the user's to fix, with their exit code: the console shows their message only."""
     from visionroute.backends import BackendUnavailable
     from visionroute.data.dataset import DatasetError
     from visionroute.decision.rules import CannotDecide
+    from visionroute.prefect_api import PrefectApiError
     from visionroute.spec import SpecError
+    from visionroute.tracking import StoreError
     from visionroute.training.weights import WeightsError
     from visionroute.vision.base import ApiError, ProviderConfigError
 
+    bad_input = (SpecError, DatasetError, CannotDecide, ValueError)
+    failed = (BackendUnavailable, WeightsError, ApiError, ProviderConfigError, StoreError, PrefectApiError)
+    return {kind: BAD_INPUT for kind in bad_input} | {kind: FAILED for kind in failed}
+
+
+def _quiet_expected_tracebacks() -> None:
+    """Prefect logs a traceback for every failed task and flow run; for an expected error the console gets
+    the one `error:` line instead (Prefect's API log handler still records the detail with the flow run).
+    Unexpected errors keep their traceback."""
+    import logging
+
+    expected = tuple(_expected_errors())
+
+    class ExpectedErrorFilter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not (record.exc_info and isinstance(record.exc_info[1], expected))
+
+    for name in ("", "prefect"):  # the console handlers (the API handlers sit on prefect.flow_runs/task_runs)
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not any(
+                type(f).__name__ == "ExpectedErrorFilter" for f in handler.filters
+            ):
+                handler.addFilter(ExpectedErrorFilter())
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    codes = _expected_errors()
     try:
         return args.handler(args)
-    except (SpecError, DatasetError, CannotDecide, ValueError) as error:
+    except tuple(codes) as error:
         print(f"error: {error}", file=sys.stderr)
-        return BAD_INPUT
-    except (BackendUnavailable, WeightsError, ApiError, ProviderConfigError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return FAILED
+        return next(code for kind, code in codes.items() if isinstance(error, kind))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,12 @@ the current champion evaluated on this run's own test split (not on figures from
 the champion's 95% interval there, and never on a test split under the policy's minimum size. The
 comparison is written to the version's tags. A failure after the version is created deletes it: nothing is
 left half-registered.
+
+Order, so that a process killed at any point leaves something `repair` can finish or undo: compare with the
+champion (before any version exists) -> create the version tagged `visionroute.state=registering` -> write the
+comparison tags (`promoted` included) -> aliases -> `visionroute.state=ready`. Readers take aliases (set only at
+the end) or ready versions; `repair_versions` deletes versions a dead process left before their aliases.
+Registrations of one model are serialised by a file lock in the state folder (processes on this machine).
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ import torch
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
+from visionroute import tracking
 from visionroute.decision.policy import DEFAULT_POLICY
 from visionroute.training.engine import evaluate
 from visionroute.training.metrics import format_accuracy
 from visionroute.training.preprocessing import Preprocessing
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+STATE_TAG, REGISTERING, READY = "visionroute.state", "registering", "ready"
 
 
 @dataclass
@@ -60,18 +68,23 @@ def log_model(run_id: str, model: torch.nn.Module, prep: Preprocessing) -> str:
     with tempfile.TemporaryDirectory() as folder:
         prep_file = Path(folder) / "preprocessing.json"
         prep_file.write_text(json.dumps(prep.to_dict(), indent=2))
-        # mlflow.pytorch.log_model attaches to the active run; it is entered here, in this thread, by id.
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pytorch.log_model(
-                model,
-                name="model",
-                signature=infer_signature(example, output),
-                input_example=example,
-                pip_requirements=_pip_requirements(),
-                extra_files=[str(prep_file)],
-                metadata={"preprocessing": prep.to_dict()},
-                serialization_format="pt2",
-            )
+        # By explicit run and logged-model ids, not `mlflow.start_run(run_id=...)`: leaving that context would
+        # mark the run FINISHED before registration, and a crash then would leave a finished run with a
+        # half-registered version. The run's own lifecycle (tracking.run) closes it.
+        experiment = MlflowClient().get_run(run_id).info.experiment_id
+        logged = mlflow.initialize_logged_model(name="model", source_run_id=run_id, experiment_id=experiment)
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            model_id=logged.model_id,
+            run_id=run_id,
+            signature=infer_signature(example, output),
+            input_example=example,
+            pip_requirements=_pip_requirements(),
+            extra_files=[str(prep_file)],
+            metadata={"preprocessing": prep.to_dict()},
+            serialization_format="pt2",
+        )
     return info.model_uri
 
 
@@ -148,6 +161,23 @@ def register_and_promote(
     tags: dict,
 ) -> Registration:
     """Register `model_uri` under `name`; alias challenger; champion if it beats the current one."""
+    with tracking.file_lock(tracking.state_dir() / "locks" / f"model-{name}.lock"):
+        return _register_and_promote(
+            client, name, model_uri, run_id, test_metrics, split_digest, classes, test_set, tags
+        )
+
+
+def _register_and_promote(
+    client: MlflowClient,
+    name: str,
+    model_uri: str,
+    run_id: str,
+    test_metrics: dict,
+    split_digest: str,
+    classes: list[str],
+    test_set: TestSet,
+    tags: dict,
+) -> Registration:
     try:
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
@@ -157,7 +187,7 @@ def register_and_promote(
         name,
         model_uri,
         run_id=run_id,
-        tags={k: str(v) for k, v in tags.items()},
+        tags={**{k: str(v) for k, v in tags.items()}, STATE_TAG: REGISTERING},
         description=f"test accuracy {format_accuracy(test_metrics)} on split {split_digest}",
     )
     try:
@@ -192,7 +222,32 @@ def register_and_promote(
         client.set_registered_model_alias(name, CHALLENGER, version.version)
         if promoted:
             client.set_registered_model_alias(name, CHAMPION, version.version)
-    except Exception:
+        client.set_model_version_tag(name, version.version, STATE_TAG, READY)
+    except BaseException:
         client.delete_model_version(name, version.version)
         raise
     return Registration(name, str(version.version), promoted, comparison)
+
+
+def repair_versions(client: MlflowClient, name: str, is_live: Callable[[str], bool]) -> list[dict]:
+    """Finish or undo the registrations of `name` that a dead process left half done.
+
+    A version not `ready` whose run's owner is gone is deleted, unless `champion` already points at it (the
+    last step before `ready`): then only its state tag was missing, and it is marked ready. `is_live(run_id)`
+    says whether the version's run still belongs to a live process (its registration may be under way)."""
+    repaired = []
+    with tracking.file_lock(tracking.state_dir() / "locks" / f"model-{name}.lock"):
+        try:
+            champion = client.get_model_version_by_alias(name, CHAMPION).version
+        except mlflow.exceptions.MlflowException:
+            champion = None
+        for version in client.search_model_versions(f"name = '{name}'"):
+            if version.tags.get(STATE_TAG, READY) == READY or is_live(version.run_id):
+                continue
+            if str(version.version) == str(champion) and "promoted" in version.tags:
+                client.set_model_version_tag(name, version.version, STATE_TAG, READY)
+                repaired.append({"model": name, "version": version.version, "action": "marked ready"})
+            else:
+                client.delete_model_version(name, version.version)
+                repaired.append({"model": name, "version": version.version, "action": "deleted"})
+    return repaired
