@@ -46,7 +46,8 @@ class Route(StrEnum):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinity pass no range check by design of IEEE floats; refuse them with a message that says so.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataSpec(_Strict):
@@ -228,7 +229,12 @@ def load_spec(path: str | Path) -> TaskSpec:
     if not path.is_file():
         raise SpecError(f"{path}: no such spec file; pass the path of a task spec YAML (see examples/tasks/)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise SpecError(
+            f"{path}: not UTF-8 text (byte {error.object[error.start]:#x} at offset {error.start}); save the spec "
+            "as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        ) from None
     except yaml.YAMLError as error:
         raise SpecError(f"{path}: not valid YAML: {error}") from None
     return parse_spec(raw, source=str(path), base_dir=path.resolve().parent)
