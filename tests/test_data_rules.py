@@ -60,7 +60,9 @@ def test_a_spec_that_is_not_utf8_names_the_file_and_the_fix(tmp_path):
     spec.write_bytes("name: caf\xe9\ntask: tag\n".encode("latin-1"))
     with pytest.raises(SpecError) as error:
         load_spec(spec)
-    assert str(error.value).startswith(f"{spec}: not UTF-8 text (byte 0xe9 at offset 9); save the spec as UTF-8")
+    assert str(error.value).startswith(
+        f"{spec}: not UTF-8 text (byte 0xe9 at offset 9); save the spec as UTF-8"
+    )
 
 
 @pytest.mark.parametrize("value", [".nan", ".inf"])

@@ -72,6 +72,7 @@ def prefect_artifact(key: str):
     return asyncio.run(read())
 
 
+@pytest.mark.slow
 def test_route_trains_tracks_registers_and_promotes(task_spec, tmp_path):
     outcome = route_image_task(str(task_spec))
     client = MlflowClient(tracking.tracking_uri())

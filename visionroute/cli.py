@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from visionroute.vision.base import BUILTIN_PROVIDERS
+
 BAD_INPUT, FAILED = 2, 1
 
 
@@ -121,7 +123,7 @@ def _fit_test(args) -> int:
         return BAD_INPUT
     provider = args.provider or spec.vision_api.provider
     if provider == "auto":
-        print("error: name the provider to test: --provider google|aws|azure|local", file=sys.stderr)
+        print(f"error: name the provider to test: --provider {'|'.join(BUILTIN_PROVIDERS)}", file=sys.stderr)
         return BAD_INPUT
     report = fit_test(spec, dataset, provider, load_prices(args.prices), sample=args.sample)
     print(json.dumps({key: value for key, value in report.items() if key != "confusion"}, indent=2))
@@ -211,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         "fit-test", help="measure a Vision API on a labelled sample through the spec's vision_api.label_map"
     )
     fit.add_argument("spec")
-    fit.add_argument("--provider", choices=["google", "aws", "azure", "local"], help="default: the spec's")
+    fit.add_argument("--provider", choices=BUILTIN_PROVIDERS, help="default: the spec's")
     fit.add_argument("--sample", type=int, help="labelled images to send (default: vision_api.fit_sample)")
     fit.add_argument("--prices")
     fit.set_defaults(handler=_fit_test)

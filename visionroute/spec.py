@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from visionroute.vision.base import BUILTIN_PROVIDERS
+
 
 class Task(StrEnum):
     classify = "classify"
@@ -86,7 +88,7 @@ class VisionApiSpec(_Strict):
     """How the vision_api route calls its provider. Credentials are never here: each SDK reads its own
     (GOOGLE_APPLICATION_CREDENTIALS, the AWS chain, VISION_ENDPOINT + VISION_KEY for Azure)."""
 
-    provider: Literal["auto", "google", "aws", "azure", "local"] = "auto"
+    provider: Literal[("auto", *BUILTIN_PROVIDERS)] = "auto"
     """auto: the cheapest at the monthly volume (or local when images may not leave the premises)."""
     input: Path | None = None
     """Images to annotate (a file or a folder, searched recursively); default: the images under data.path."""
@@ -130,7 +132,7 @@ class TaskSpec(_Strict):
     data: DataSpec | None = None
     domain: Domain = Domain.natural
     constraints: Constraints = Constraints()
-    route: Literal["auto", "vision_api", "finetune", "scratch"] = "auto"
+    route: Literal[("auto", *(route.value for route in Route))] = "auto"
     training: TrainingSpec = TrainingSpec()
     vision_api: VisionApiSpec = VisionApiSpec()
 
