@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_dataset, write_spec
+from conftest import REPO, make_dataset, make_image, write_spec
 from mlflow.tracking import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 from visionroute.flows.route import route_image_task
@@ -261,6 +262,14 @@ def test_repair_kills_runs_of_dead_processes_and_finishes_or_removes_their_versi
     assert "4 repair(s)" in capsys.readouterr().err
 
 
+def test_a_half_registered_version_is_refused_by_predict(tmp_path, capsys):
+    tracking.check_store()
+    _, version = half_register("half-task", champion=False)
+    image = make_image(tmp_path / "x.jpg", (200, 40, 40), 1)
+    assert main(["predict", "--model", f"models:/half-task/{version}", str(image)]) == 2
+    assert "is half-registered (visionroute.state=registering" in capsys.readouterr().err
+
+
 def training_task(root: Path, name: str, epochs: int = 1) -> Path:
     make_dataset(root / "data", per_class=8)
     return write_spec(root / f"{name}.yaml", TRAINING_SPEC.format(name=name, epochs=epochs))
@@ -317,6 +326,10 @@ def test_kill_9_mid_training_then_rerun_leaves_nothing_half_done(tmp_path):
         v.tags.get("promoted") and v.tags[model_registry.STATE_TAG] == "ready" for v in versions
     )
     assert not prefect_servers(tmp_path / "prefect-home")
+    # The killed flow run and its sub-flow no longer say Running in Prefect's database.
+    with sqlite3.connect(tmp_path / "prefect-home" / "prefect.db") as db:
+        states = sorted(state for (state,) in db.execute("select state_type from flow_run"))
+    assert "RUNNING" not in states and states.count("CRASHED") == 2, states
 
 
 @pytest.mark.slow

@@ -229,6 +229,24 @@ def _register_and_promote(
     return Registration(name, str(version.version), promoted, comparison)
 
 
+def require_ready(client: MlflowClient, model_uri: str) -> None:
+    """Refuse a registered version whose registration never finished (readers filter on visionroute.state)."""
+    if not model_uri.startswith("models:/"):
+        return
+    name, _, ref = model_uri.removeprefix("models:/").partition("/")
+    if "@" in name:
+        return  # aliases are set only once a version is complete
+    try:
+        version = client.get_model_version(name, ref)
+    except mlflow.exceptions.MlflowException:
+        return  # loading reports the unknown name or version
+    if version.tags.get(STATE_TAG, READY) != READY:
+        raise ValueError(
+            f"{model_uri} is half-registered ({STATE_TAG}={version.tags[STATE_TAG]}: the process registering it "
+            f"did not finish); run `visionroute repair {name}`, or use models:/{name}@champion"
+        )
+
+
 def repair_versions(client: MlflowClient, name: str, is_live: Callable[[str], bool]) -> list[dict]:
     """Finish or undo the registrations of `name` that a dead process left half done.
 

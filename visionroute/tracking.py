@@ -189,7 +189,14 @@ def repair_runs(client: MlflowClient, experiments: list[str]) -> list[dict]:
         )
         client.set_tag(stale.info.run_id, KILLED_TAG, why)
         client.set_terminated(stale.info.run_id, "KILLED")
-        repaired.append({"run": stale.info.run_id, "name": stale.info.run_name, "action": "marked KILLED"})
+        repaired.append(
+            {
+                "run": stale.info.run_id,
+                "name": stale.info.run_name,
+                "action": "marked KILLED",
+                "prefect_flow_run_id": tags.get("prefect.flow_run_id"),
+            }
+        )
     return repaired
 
 
