@@ -28,6 +28,7 @@ from visionroute.decision.costs import load_prices
 from visionroute.decision.report import cost_rows, decision_markdown
 from visionroute.decision.rules import escalate
 from visionroute.planning import Plan, plan
+from visionroute.prefect_api import crash_flow_runs
 from visionroute.repair import repair
 
 
@@ -149,36 +150,8 @@ def repair_task(name: str) -> list[dict]:
     actions = repair([name])
     if actions:
         get_run_logger().warning("repaired what an earlier, killed run left: %s", actions)
-    _crash_flow_runs([a["prefect_flow_run_id"] for a in actions if a.get("prefect_flow_run_id")])
+    crash_flow_runs([a["prefect_flow_run_id"] for a in actions if a.get("prefect_flow_run_id")])
     return actions
-
-
-def _crash_flow_runs(flow_run_ids: list[str]) -> None:
-    """The killed runs' Prefect flow runs (and their sub-flows) still say Running: mark them Crashed."""
-    from uuid import UUID
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
-    from prefect.exceptions import ObjectNotFound
-    from prefect.states import Crashed
-
-    if not flow_run_ids:
-        return
-    message = "its process was killed; marked Crashed by the next run of the task (visionroute repair)"
-    ids = [UUID(flow_run_id) for flow_run_id in flow_run_ids]
-    with get_client(sync_client=True) as client:
-        runs = []
-        for flow_run_id in ids:
-            try:
-                runs.append(client.read_flow_run(flow_run_id))
-            except ObjectNotFound:  # recorded by another Prefect server
-                continue
-        runs += client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=ids))
-        )
-        for run in runs:
-            if run.state and not run.state.is_final():
-                client.set_flow_run_state(run.id, Crashed(message=message), force=True)
 
 
 @flow(name="run-backend", flow_run_name="{route}")

@@ -114,6 +114,26 @@ def test_the_run_lifecycle_marks_failed_on_any_error_and_finished_on_success():
     assert stopped.info.status == "FAILED" and stopped.data.tags["visionroute.error"] == "KeyboardInterrupt"
 
 
+def test_logging_the_model_leaves_the_training_run_open_until_registration_ends():
+    # mlflow.start_run(run_id=...) around log_model used to close the run FINISHED before registration.
+    import torch
+
+    from visionroute.training.engine import Preprocessing
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2)
+    )
+    prep = Preprocessing(32, 36, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), ["a", "b"], "tiny")
+    client = tracking.check_store()
+    with tracking.run(client, "log-model", "finetune-tiny", {}) as run_id:
+        uri = model_registry.log_model(run_id, model, prep)
+        assert client.get_run(run_id).info.status == "RUNNING"
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    logged = client.get_logged_model(uri.removeprefix("models:/"))
+    assert logged.experiment_id == run.info.experiment_id and logged.source_run_id == run_id
+
+
 # --- stores checked first ------------------------------------------------------------------------------------
 
 

@@ -103,3 +103,31 @@ def watch(child_pid: int) -> subprocess.Popen:
 
     atexit.register(stop)  # runs before Prefect's own exit handler stops the server (registered earlier)
     return watchdog
+
+
+def crash_flow_runs(flow_run_ids: list[str]) -> None:
+    """The killed runs' Prefect flow runs (and their sub-flows) still say Running: mark them Crashed."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    if not flow_run_ids:
+        return
+    message = "its process was killed; marked Crashed by the next run of the task (visionroute repair)"
+    ids = [UUID(flow_run_id) for flow_run_id in flow_run_ids]
+    with get_client(sync_client=True) as client:
+        runs = []
+        for flow_run_id in ids:
+            try:
+                runs.append(client.read_flow_run(flow_run_id))
+            except ObjectNotFound:  # recorded by another Prefect server
+                continue
+        runs += client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=ids))
+        )
+        for run in runs:
+            if run.state and not run.state.is_final():
+                client.set_flow_run_state(run.id, Crashed(message=message), force=True)
