@@ -231,20 +231,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _expected_errors() -> dict[type[BaseException], int]:
-    """Errors that are the user's to fix, with their exit code: the console shows their message only."""
-    from visionroute.backends import BackendUnavailable
-    from visionroute.data.dataset import DatasetError
-    from visionroute.decision.rules import CannotDecide
-    from visionroute.prefect_api import PrefectApiError
-    from visionroute.spec import SpecError
-    from visionroute.tracking import StoreError
-    from visionroute.training.weights import WeightsError
-    from visionroute.vision.base import ApiError, ProviderConfigError
+# Errors that are the user's to fix, by module and class, with their exit code: the console shows their message
+# only. Matched through sys.modules, so that reporting one never imports torch (a raised error's module is loaded).
+EXPECTED_ERRORS = {
+    "visionroute.spec": (("SpecError",), BAD_INPUT),
+    "visionroute.data.dataset": (("DatasetError",), BAD_INPUT),
+    "visionroute.decision.rules": (("CannotDecide",), BAD_INPUT),
+    "visionroute.backends.base": (("BackendUnavailable",), FAILED),
+    "visionroute.training.weights": (("WeightsError",), FAILED),
+    "visionroute.vision.base": (("ApiError", "ProviderConfigError"), FAILED),
+    "visionroute.tracking": (("StoreError",), FAILED),
+    "visionroute.prefect_api": (("PrefectApiError",), FAILED),
+}
 
-    bad_input = (SpecError, DatasetError, CannotDecide, ValueError)
-    failed = (BackendUnavailable, WeightsError, ApiError, ProviderConfigError, StoreError, PrefectApiError)
-    return {kind: BAD_INPUT for kind in bad_input} | {kind: FAILED for kind in failed}
+
+def exit_code_for(error: BaseException) -> int | None:
+    """The exit code of an expected error; None for an unexpected one (it keeps its traceback)."""
+    for module_name, (names, code) in EXPECTED_ERRORS.items():
+        module = sys.modules.get(module_name)
+        if module is not None and isinstance(error, tuple(getattr(module, name) for name in names)):
+            return code
+    return BAD_INPUT if isinstance(error, ValueError) else None
 
 
 def _quiet_expected_tracebacks() -> None:
@@ -253,11 +260,9 @@ def _quiet_expected_tracebacks() -> None:
     Unexpected errors keep their traceback."""
     import logging
 
-    expected = tuple(_expected_errors())
-
     class ExpectedErrorFilter(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
-            return not (record.exc_info and isinstance(record.exc_info[1], expected))
+            return not (record.exc_info and exit_code_for(record.exc_info[1]) is not None)
 
     for name in ("", "prefect"):  # the console handlers (the API handlers sit on prefect.flow_runs/task_runs)
         for handler in logging.getLogger(name).handlers:
@@ -269,12 +274,14 @@ def _quiet_expected_tracebacks() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    codes = _expected_errors()
     try:
         return args.handler(args)
-    except tuple(codes) as error:
+    except Exception as error:
+        code = exit_code_for(error)
+        if code is None:
+            raise
         print(f"error: {error}", file=sys.stderr)
-        return next(code for kind, code in codes.items() if isinstance(error, kind))
+        return code
 
 
 if __name__ == "__main__":
