@@ -111,12 +111,14 @@ def _predict(args) -> int:
 
 
 def _fit_test(args) -> int:
+    from visionroute import tracking
     from visionroute.decision.costs import load_prices
     from visionroute.planning import read_data
     from visionroute.spec import load_spec
     from visionroute.vision.fit_test import fit_test
 
     spec = load_spec(args.spec)
+    tracking.check_store()  # before any image is sent (and billed)
     dataset, _ = read_data(spec)
     if dataset is None:
         print("error: the fit test needs labelled images: set data.path in the spec", file=sys.stderr)
