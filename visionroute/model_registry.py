@@ -15,6 +15,7 @@ Registrations of one model are serialised by a file lock in the state folder (pr
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from collections.abc import Callable
@@ -149,6 +150,22 @@ def promotion_verdict(test_metrics: dict, current: dict | None) -> tuple[bool, s
     )
 
 
+def _model_lock(name: str):
+    """One registration (or repair) of a model at a time on this machine: two runs at once would otherwise
+    each compare with the same champion and both promote."""
+    return tracking.file_lock(tracking.state_dir() / "locks" / f"model-{name}.lock")
+
+
+def _one_at_a_time(register: Callable[..., Registration]) -> Callable[..., Registration]:
+    @functools.wraps(register)
+    def locked(client: MlflowClient, name: str, *args, **kwargs) -> Registration:
+        with _model_lock(name):
+            return register(client, name, *args, **kwargs)
+
+    return locked
+
+
+@_one_at_a_time
 def register_and_promote(
     client: MlflowClient,
     name: str,
@@ -161,23 +178,6 @@ def register_and_promote(
     tags: dict,
 ) -> Registration:
     """Register `model_uri` under `name`; alias challenger; champion if it beats the current one."""
-    with tracking.file_lock(tracking.state_dir() / "locks" / f"model-{name}.lock"):
-        return _register_and_promote(
-            client, name, model_uri, run_id, test_metrics, split_digest, classes, test_set, tags
-        )
-
-
-def _register_and_promote(
-    client: MlflowClient,
-    name: str,
-    model_uri: str,
-    run_id: str,
-    test_metrics: dict,
-    split_digest: str,
-    classes: list[str],
-    test_set: TestSet,
-    tags: dict,
-) -> Registration:
     try:
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
@@ -254,7 +254,7 @@ def repair_versions(client: MlflowClient, name: str, is_live: Callable[[str], bo
     last step before `ready`): then only its state tag was missing, and it is marked ready. `is_live(run_id)`
     says whether the version's run still belongs to a live process (its registration may be under way)."""
     repaired = []
-    with tracking.file_lock(tracking.state_dir() / "locks" / f"model-{name}.lock"):
+    with _model_lock(name):
         try:
             champion = client.get_model_version_by_alias(name, CHAMPION).version
         except mlflow.exceptions.MlflowException:
