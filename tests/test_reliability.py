@@ -237,8 +237,9 @@ _HALF_REGISTER = """
 import sys
 from visionroute import model_registry, tracking
 client = tracking.check_store()
-name, champion = sys.argv[1], sys.argv[2] == "champion"
-run_id = tracking.start_run(client, name, "finetune-killed", {"visionroute.route": "finetune"})
+name, champion, flow_run = sys.argv[1], sys.argv[2] == "champion", sys.argv[3]
+tags = {"visionroute.route": "finetune", "prefect.flow_run_id": flow_run or None}
+run_id = tracking.start_run(client, name, "finetune-killed", tags)
 client.create_registered_model(name) if not client.search_registered_models(f"name = '{name}'") else None
 version = client.create_model_version(
     name, f"runs:/{run_id}/model", run_id=run_id,
@@ -251,10 +252,10 @@ print(run_id, version)
 """
 
 
-def half_register(name: str, champion: bool) -> tuple[str, str]:
+def half_register(name: str, champion: bool, flow_run: str = "") -> tuple[str, str]:
     """What a process killed during registration leaves: it exits here without closing anything."""
     done = subprocess.run(
-        [sys.executable, "-c", _HALF_REGISTER, name, "champion" if champion else "no"],
+        [sys.executable, "-c", _HALF_REGISTER, name, "champion" if champion else "no", flow_run],
         capture_output=True,
         text=True,
         check=True,
@@ -264,9 +265,30 @@ def half_register(name: str, champion: bool) -> tuple[str, str]:
     return run_id, version
 
 
-def test_repair_kills_runs_of_dead_processes_and_finishes_or_removes_their_versions(capsys):
+def running_flow_run() -> str:
+    """A Prefect flow run left Running, as a killed process leaves it."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    @flow(name="killed-flow")
+    def killed() -> None: ...
+
+    with get_client(sync_client=True) as client:
+        return str(client.create_flow_run(killed, state=Running()).id)
+
+
+def flow_run_state(flow_run_id: str) -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id).state.type.value
+
+
+def test_repair_kills_runs_of_dead_processes_and_finishes_or_removes_their_versions(harness, capsys):
     client = tracking.check_store()
-    first_run, first = half_register("killed-task", champion=True)
+    flow_run = running_flow_run()
+    first_run, first = half_register("killed-task", champion=True, flow_run=flow_run)
     second_run, second = half_register("killed-task", champion=False)
     with tracking.run(client, "killed-task", "alive", {}) as alive:  # this process lives: left alone
         assert main(["repair", "killed-task"]) == 0
@@ -280,6 +302,7 @@ def test_repair_kills_runs_of_dead_processes_and_finishes_or_removes_their_versi
     assert [str(v.version) for v in client.search_model_versions("name = 'killed-task'")] == [first]
     assert second != first
     assert "4 repair(s)" in capsys.readouterr().err
+    assert flow_run_state(flow_run) == "CRASHED"
 
 
 def test_a_half_registered_version_is_refused_by_predict(tmp_path, capsys):

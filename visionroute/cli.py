@@ -140,6 +140,12 @@ def _repair(args) -> int:
     from visionroute.repair import repair
 
     actions = repair(args.task or None)
+    flow_runs = [action["prefect_flow_run_id"] for action in actions if action.get("prefect_flow_run_id")]
+    if flow_runs:  # their Prefect flow runs still say Running: mark them Crashed too
+        from visionroute.prefect_api import crash_flow_runs, ensure_api
+
+        ensure_api()
+        crash_flow_runs(flow_runs)
     for action in actions:
         print(json.dumps(action))
     print(f"{len(actions)} repair(s)", file=sys.stderr)
