@@ -6,15 +6,8 @@ from pathlib import Path
 
 import pytest
 from conftest import make_dataset
-from visionroute.backends import (
-    Backend,
-    BackendContext,
-    BackendResult,
-    BackendUnavailable,
-    create_backend,
-    list_backends,
-)
-from visionroute.backends.base import register_backend
+from visionroute.backends import Backend, BackendContext, BackendUnavailable, create_backend, list_backends
+from visionroute.backends.base import BackendResult, register_backend
 
 from visionroute import tracking
 from visionroute.data.dataset import DatasetError
