@@ -332,29 +332,30 @@ def wait_for(predicate, timeout: float, every: float = 0.5):
 def test_kill_9_mid_training_then_rerun_leaves_nothing_half_done(tmp_path):
     spec = training_task(tmp_path, "killed-mid-training", epochs=30)
     env = own_env(tmp_path)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "visionroute.cli", "run", str(spec)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        cwd=REPO,
-    )
-    client = MlflowClient(tracking.tracking_uri())
+    log = tmp_path / "killed-run.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "visionroute.cli", "run", str(spec)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+        )
 
     def training() -> bool:
-        try:
-            return any(
-                run.info.run_name.startswith("finetune") and run.data.metrics.get("val_accuracy") is not None
-                for run in runs(client, "killed-mid-training")
-            )
-        except Exception:  # the store is being created by the other process
-            return False
+        assert proc.poll() is None, f"the run ended before it was killed:\n{log.read_text()[-3000:]}"
+        # Through the store check: it waits on the lock while the run creates and migrates the new store.
+        return any(
+            run.info.run_name.startswith("finetune") and run.data.metrics.get("val_accuracy") is not None
+            for run in runs(tracking.check_store(), "killed-mid-training")
+        )
 
     assert wait_for(training, timeout=480), "training never started"
     servers = prefect_servers(tmp_path / "prefect-home")
     assert servers, "the run's temporary Prefect server was not found"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    client = MlflowClient(tracking.tracking_uri())
     assert wait_for(lambda: not prefect_servers(tmp_path / "prefect-home"), timeout=20) is not None
     assert {run.info.status for run in runs(client, "killed-mid-training")} == {"RUNNING"}
 
