@@ -40,15 +40,22 @@ def _decide(args) -> int:
     return status
 
 
-def _run(args) -> int:
+def _before_a_flow() -> None:
+    """What every flow started from the command line needs first: the store checked (seconds, before any data
+    is read or any server started), the Prefect API (a temporary server with a generous start-up limit, tied to
+    this process), and expected errors kept to their one `error:` line."""
     from visionroute import tracking
     from visionroute.prefect_api import ensure_api
 
-    tracking.check_store()  # seconds, before any data is read or any server started
+    tracking.check_store()
     ensure_api()
+    _quiet_expected_tracebacks()
+
+
+def _run(args) -> int:
+    _before_a_flow()
     from visionroute.flows.route import route_image_task
 
-    _quiet_expected_tracebacks()
     outcome = route_image_task(args.spec, args.prices)
     result = outcome["result"]
     print(f"\nparent MLflow run: {outcome['parent_run_id']}  (tracking store: {outcome['tracking_uri']})")
@@ -65,9 +72,11 @@ def _train(args) -> int:
     """torchrun with this task: N processes per node, DDP (NCCL on GPUs, gloo on CPUs); rank 0 tracks."""
     import subprocess
 
+    from visionroute import tracking
     from visionroute.spec import load_spec
 
     load_spec(args.spec)  # a bad spec fails here, once, not in N processes
+    tracking.check_store()  # and an unusable store; a new one is created once, not by N ranks at once
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}"]
     command += [f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}"]
     if args.rdzv_endpoint:
@@ -82,6 +91,7 @@ def _train(args) -> int:
 
 
 def _bakeoff(args) -> int:
+    _before_a_flow()
     from visionroute.flows.bakeoff import bakeoff
 
     outcome = bakeoff(args.spec, args.routes, args.prices)
