@@ -49,6 +49,8 @@ def _before_a_flow() -> None:
 
     tracking.check_store()
     ensure_api()
+    import visionroute.flows.route  # noqa: F401  (its imports set up logging: quiet the handlers it leaves)
+
     _quiet_expected_tracebacks()
 
 
