@@ -93,7 +93,7 @@ def test_a_failure_while_opening_tracking_leaves_the_parent_run_failed(harness, 
     (isolated_state / "artifacts" / "private-tags").write_text("a file where a folder must go")
     with pytest.raises(OSError):
         route_image_task(str(spec))
-    client = MlflowClient(tracking.tracking_uri())
+    client = tracking.configure()
     [parent] = runs(client, "private-tags")
     assert parent.info.status == "FAILED"
     assert parent.data.tags["visionroute.error"].startswith(("FileExistsError", "NotADirectoryError"))
@@ -355,7 +355,7 @@ def test_kill_9_mid_training_then_rerun_leaves_nothing_half_done(tmp_path):
     assert servers, "the run's temporary Prefect server was not found"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    client = MlflowClient(tracking.tracking_uri())
+    client = tracking.configure()
     assert wait_for(lambda: not prefect_servers(tmp_path / "prefect-home"), timeout=20) is not None
     assert {run.info.status for run in runs(client, "killed-mid-training")} == {"RUNNING"}
 
@@ -392,7 +392,7 @@ def test_two_concurrent_first_runs_both_succeed_with_one_champion(tmp_path):
     ]
     outcomes = [proc.communicate(timeout=900) for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], [err[-3000:] for _, err in outcomes]
-    client = MlflowClient(tracking.tracking_uri())
+    client = tracking.configure()  # both URIs: an earlier test set the global registry
     versions = client.search_model_versions("name = 'twin-runs'")
     assert len(versions) == 2
     assert sorted(v.tags["promoted"] for v in versions) == ["false", "true"]
