@@ -313,8 +313,9 @@ def test_a_half_registered_version_is_refused_by_predict(tmp_path, capsys):
     assert "is half-registered (visionroute.state=registering" in capsys.readouterr().err
 
 
-def training_task(root: Path, name: str, epochs: int = 1) -> Path:
-    make_dataset(root / "data", per_class=8)
+def training_task(root: Path, name: str, epochs: int = 1, splits: tuple[str, ...] = ()) -> Path:
+    # With splits, each split folder gets 15 images per class: a test split of 30 may choose a champion.
+    make_dataset(root / "data", per_class=15 if splits else 8, splits=splits)
     return write_spec(root / f"{name}.yaml", TRAINING_SPEC.format(name=name, epochs=epochs))
 
 
@@ -378,7 +379,7 @@ def test_kill_9_mid_training_then_rerun_leaves_nothing_half_done(tmp_path):
 
 @pytest.mark.slow
 def test_two_concurrent_first_runs_both_succeed_with_one_champion(tmp_path):
-    spec = training_task(tmp_path, "twin-runs")
+    spec = training_task(tmp_path, "twin-runs", splits=("train", "val", "test"))
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "visionroute.cli", "run", str(spec)],
