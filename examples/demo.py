@@ -13,6 +13,7 @@ from visionroute.flows.route import route_image_task
 
 from visionroute import tracking
 from visionroute.planning import plan
+from visionroute.prefect_api import ensure_api
 
 TASKS = Path(__file__).with_name("tasks")
 TRAINED = TASKS / "ants-vs-bees.yaml"
@@ -29,6 +30,7 @@ def main() -> int:
         for warning in decision.warnings:
             print(f"{'':31}warning: {warning}")
 
+    ensure_api()  # the temporary Prefect server, with a start-up limit a loaded machine meets
     print(f"\n== Routing {ON_PREMISES.name}: Vision API route, provider local (no image leaves) ==")
     tagged = route_image_task(str(ON_PREMISES))["result"]
     print(tagged["summary"])

@@ -36,7 +36,7 @@ def bakeoff(spec_path: str, routes: str = "finetune,scratch", prices_path: str |
     if planned.dataset is None:
         raise ValueError("a bake-off needs labelled images: set data.path in the spec")
     client = tracking.configure()
-    parent = tracking.start_run(
+    with tracking.run(
         client,
         spec.name,
         "bakeoff-" + "-vs-".join(names),
@@ -45,8 +45,7 @@ def bakeoff(spec_path: str, routes: str = "finetune,scratch", prices_path: str |
             "visionroute.route": decision.route,
             "visionroute.rule": decision.rule,
         },
-    )
-    try:
+    ) as parent:
         tracking.log_json(client, parent, decision.to_dict(), "decision.json")
         outcomes = []
         for route in names:
@@ -74,10 +73,5 @@ def bakeoff(spec_path: str, routes: str = "finetune,scratch", prices_path: str |
         create_markdown_artifact(
             key=f"{spec.name}-bakeoff-verdict", markdown=f"# {spec.name}: bake-off\n\n{summary}"
         )
-        client.set_terminated(parent, "FINISHED")
-    except BaseException as error:
-        client.set_tag(parent, "visionroute.error", str(error)[:5000])
-        client.set_terminated(parent, "FAILED")
-        raise
     print(summary)
     return {"parent_run_id": parent, "rows": rows, "verdict": summary, "framework_choice": decision.route}

@@ -30,6 +30,8 @@ from visionroute.decision.report import cost_rows, decision_markdown
 from visionroute.decision.rules import escalate
 from visionroute.forms import RunOverrides, TaskForm, resolve_spec
 from visionroute.planning import Plan, plan
+from visionroute.prefect_api import crash_flow_runs
+from visionroute.repair import repair
 from visionroute.spec import load_spec
 
 
@@ -102,24 +104,23 @@ def plan_task(spec_path: str, prices_path: str | None) -> Plan:
     return result
 
 
+def _parent_tags(result: Plan) -> dict:
+    spec, decision = result.spec, result.decision
+    return {
+        "visionroute.route": decision.route,
+        "visionroute.rule": decision.rule,
+        "visionroute.provider": decision.provider,
+        "visionroute.spec_hash": spec.digest(),
+        "visionroute.forced": str(decision.forced).lower(),
+        "prefect.flow_run_id": runtime.flow_run.id,
+    }
+
+
 @task(name="open-tracking", cache_policy=NO_CACHE)
-def open_tracking(result: Plan, spec_path: str, prices_path: str | None) -> str:
-    """The parent MLflow run: decision and spec as artifacts, tagged for search."""
+def open_tracking(result: Plan, run_id: str, spec_path: str, prices_path: str | None) -> None:
+    """Fill the parent MLflow run: decision and spec as artifacts, the data profile and validation."""
     client = tracking.configure()
     spec, decision = result.spec, result.decision
-    run_id = tracking.start_run(
-        client,
-        spec.name,
-        f"route-{decision.route}",
-        {
-            "visionroute.route": decision.route,
-            "visionroute.rule": decision.rule,
-            "visionroute.provider": decision.provider,
-            "visionroute.spec_hash": spec.digest(),
-            "visionroute.forced": str(decision.forced).lower(),
-            "prefect.flow_run_id": runtime.flow_run.id,
-        },
-    )
     client.log_artifact(run_id, spec_path, "spec")
     tracking.log_json(client, run_id, decision.to_dict(), "decision.json")
     tracking.log_text(client, run_id, decision_markdown(spec.name, decision), "decision.md")
@@ -144,7 +145,16 @@ def open_tracking(result: Plan, spec_path: str, prices_path: str | None) -> str:
             [{"path": s.path, "reason": s.reason} for s in result.dataset.skipped],
             "data/skipped.json",
         )
-    return run_id
+
+
+@task(name="repair", cache_policy=NO_CACHE)
+def repair_task(name: str) -> list[dict]:
+    """Close what a killed run of this task left behind: its runs become KILLED, half-registered versions go."""
+    actions = repair([name])
+    if actions:
+        get_run_logger().warning("repaired what an earlier, killed run left: %s", actions)
+    crash_flow_runs([a["prefect_flow_run_id"] for a in actions if a.get("prefect_flow_run_id")])
+    return actions
 
 
 @flow(name="run-backend", flow_run_name="{route}")
@@ -265,6 +275,7 @@ def route_image_task(
         overrides: Changes for this run only: a shorter budget, fewer epochs, a forced route.
     """
     prices_path = prices_path or None
+    client = tracking.check_store()  # seconds: a store that cannot be used fails before any data is read
     work = tracking.state_dir()
     spec_path = str(resolve_spec(spec_path, task, overrides, work / "specs", Path.cwd()))
     name = load_spec(spec_path).name
@@ -277,9 +288,12 @@ def route_image_task(
     )
     result = plan_task(spec_path, prices_path)
     update_progress_artifact(progress_id, progress=PLANNED)
-    parent_run_id = open_tracking(result, spec_path, prices_path)
-    client = tracking.configure()
-    try:
+    repair_task(result.spec.name)
+    # One lifecycle: whatever fails from here on (tracking itself included) leaves the run FAILED with the error.
+    with tracking.run(
+        client, result.spec.name, f"route-{result.decision.route}", _parent_tags(result)
+    ) as run_id:
+        open_tracking(result, run_id, spec_path, prices_path)
         decision = result.decision
         if (
             decision.route == "vision_api"
@@ -288,20 +302,15 @@ def route_image_task(
         ):
             if result.dataset is None:
                 raise DatasetError("a target_accuracy needs labelled images for the fit test: set data.path")
-            result = fit_test_task(result, parent_run_id, prices_path)
-        outcome = run_backend(result.decision.route, result, parent_run_id, prices_path, progress_id)
-    except BaseException as error:
-        client.set_tag(parent_run_id, "visionroute.error", str(error)[:5000])
-        client.set_terminated(parent_run_id, "FAILED")
-        raise
-    tracking.log_json(client, parent_run_id, outcome, "result.json")
-    client.set_terminated(parent_run_id, "FINISHED")
-    _publish_links(result.spec.name, parent_run_id, outcome)
+            result = fit_test_task(result, run_id, prices_path)
+        outcome = run_backend(result.decision.route, result, run_id, prices_path, progress_id)
+        tracking.log_json(client, run_id, outcome, "result.json")
+    _publish_links(result.spec.name, run_id, outcome)
     update_progress_artifact(progress_id, progress=100.0)
     print(outcome["summary"])
     return {
         "decision": result.decision.to_dict(),
         "result": outcome,
-        "parent_run_id": parent_run_id,
+        "parent_run_id": run_id,
         "tracking_uri": tracking.tracking_uri(),
     }

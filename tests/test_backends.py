@@ -5,12 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import make_dataset
 from visionroute.backends import Backend, BackendContext, BackendUnavailable, create_backend, list_backends
-from visionroute.backends.base import register_backend
+from visionroute.backends.base import BackendResult, register_backend
 
+from visionroute import tracking
 from visionroute.data.dataset import DatasetError
 from visionroute.decision.rules import decide
-from visionroute.spec import parse_spec
+from visionroute.planning import read_data
+from visionroute.spec import Route, parse_spec
 
 
 @pytest.mark.parametrize("name", list_backends())
@@ -21,7 +24,50 @@ def test_every_backend_implements_the_protocol(name):
 
 
 def test_registry_holds_one_backend_per_route():
-    assert list_backends() == ["finetune", "scratch", "vision_api"]
+    assert list_backends() == sorted(route.value for route in Route)
+
+
+def _conformance_task(name: str, tmp_path: Path) -> tuple:
+    """A tiny task the backend `name` must run end to end: a decision forced to its route, its data."""
+    root = make_dataset(tmp_path / "data", per_class=8)
+    raw = {"name": f"conformance-{name.replace('_', '-')}", "route": name}
+    if name == "vision_api":  # on premises: the local provider needs no credentials or network
+        raw |= {"task": "tag", "constraints": {"external_api_allowed": False}}
+        raw |= {"vision_api": {"input": str(root / "red")}}
+    else:
+        raw |= {"task": "classify", "data": {"path": str(root)}, "domain": "natural"}
+        raw |= {"training": {"model": "tf_efficientnet_lite0", "epochs": 1, "budget_minutes": 1}}
+    spec = parse_spec(raw)
+    dataset, summary = read_data(spec)
+    return spec, dataset, decide(spec, summary)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=[] if name == "vision_api" else [pytest.mark.slow])
+        for name in list_backends()
+    ],
+)
+def test_every_backend_runs_a_tiny_task_end_to_end(name, tmp_path):
+    """Conformance: one nested MLflow run, closed FINISHED and tagged with its process; a result that names it;
+    a training route registers a version whose promotion step finished."""
+    spec, dataset, decision = _conformance_task(name, tmp_path)
+    assert decision.route == name
+    client = tracking.check_store()
+    with tracking.run(client, spec.name, "parent", {}) as parent:
+        progress = []
+        context = BackendContext(spec, decision, dataset, parent, tmp_path / "work", progress.append)
+        result = create_backend(name).run(context)
+    assert isinstance(result, BackendResult) and result.route == name and result.summary
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["visionroute.pid"]
+    assert progress and result.metrics
+    if result.model_version:
+        version = client.get_model_version(spec.name, result.model_version)
+        assert version.tags["visionroute.state"] == "ready" and version.tags["promoted"] == "true"
+        assert str(client.get_model_version_by_alias(spec.name, "champion").version) == result.model_version
 
 
 def test_unknown_backend_names_the_known_ones():

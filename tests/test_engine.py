@@ -158,6 +158,7 @@ def test_model_selection_and_budget_planner_alone():
     assert planner.epochs_that_fit() in (48, 49)
 
 
+@pytest.mark.slow
 def test_probe_then_finetune_learns_and_checkpoints(prepared, tmp_path):
     dataset, data = prepared
     epochs = []
@@ -171,6 +172,7 @@ def test_probe_then_finetune_learns_and_checkpoints(prepared, tmp_path):
     assert result.stopped in ("max_epochs", "early_stopping")
 
 
+@pytest.mark.slow
 def test_same_seed_same_run(prepared):
     _, data = prepared
     runs = [train(TrainConfig(MODEL, max_epochs=1, seed=7), fresh_model(), data) for _ in range(2)]
@@ -178,6 +180,7 @@ def test_same_seed_same_run(prepared):
     assert runs[0].history[0]["val_loss"] == runs[1].history[0]["val_loss"]
 
 
+@pytest.mark.slow
 def test_budget_is_respected(prepared):
     _, data = prepared
     result = train(TrainConfig(MODEL, max_epochs=50, budget_seconds=1.0), fresh_model(), data)
@@ -185,6 +188,7 @@ def test_budget_is_respected(prepared):
     assert len(result.history) == 1
 
 
+@pytest.mark.slow
 def test_grey_28px_data_trains_natively_as_one_channel(tmp_path):
     dataset = assign_splits(scan_dataset(grey_npz(tmp_path / "grey.npz")), seed=0)
     channels, native = native_shape(dataset)
@@ -278,6 +282,7 @@ def test_kill_9_mid_training_then_the_same_run_resumes_and_ends_where_it_would_h
     assert abs(float(figure(resumed, "ACCURACY")) - float(figure(straight, "ACCURACY"))) <= 0.1
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path):
     dataset = assign_splits(scan_dataset(grey_npz(tmp_path / "g.npz", count=24)), seed=0)
     model = build_model("resnet18_small", 2, in_chans=1, input_size=28)

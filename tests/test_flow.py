@@ -58,6 +58,7 @@ def artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set
     return {item.path for item in client.list_artifacts(run_id, path)}
 
 
+@pytest.mark.slow
 def test_route_trains_tracks_registers_and_promotes(task_spec, tmp_path):
     outcome = route_image_task(str(task_spec))
     client = MlflowClient(tracking.tracking_uri())

@@ -50,6 +50,7 @@ def server(tmp_path_factory):
     process.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_cli_run_lands_on_a_running_server(server, tmp_path):
     make_dataset(tmp_path / "data", per_class=8)
     spec = write_spec(

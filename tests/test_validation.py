@@ -176,7 +176,7 @@ def test_given_npz_splits_keep_their_test_images_and_report_the_copies(tmp_path)
     val = rng.integers(0, 255, (10, 28, 28), dtype=np.uint8)
     test = rng.integers(0, 255, (12, 28, 28), dtype=np.uint8)
     test[:3] = train[:3]  # three official test images are copies of training images
-    val[0] = train[5]  # and one validation image
+    val[0] = train[4]  # and one validation image (same label: a copy under another label is a label conflict)
     labels = lambda n: (np.arange(n) % 2).reshape(n, 1)  # noqa: E731
     path = tmp_path / "given.npz"
     arrays = {"train": train, "val": val, "test": test}

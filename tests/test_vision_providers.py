@@ -44,7 +44,7 @@ def _fake(name: str, credentials: dict):
     return None
 
 
-@pytest.mark.parametrize("name", ["google", "aws", "azure", "local"])
+@pytest.mark.parametrize("name", list_providers())
 def test_provider_conformance(name, cloud_credentials, tmp_path):
     fake = _fake(name, cloud_credentials)
     if fake:

@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from visionroute.vision.base import BUILTIN_PROVIDERS
+
 BAD_INPUT, FAILED = 2, 1
 
 
@@ -38,7 +40,22 @@ def _decide(args) -> int:
     return status
 
 
+def _before_a_flow() -> None:
+    """What every flow started from the command line needs first: the store checked (seconds, before any data
+    is read or any server started), the Prefect API (a temporary server with a generous start-up limit, tied to
+    this process), and expected errors kept to their one `error:` line."""
+    from visionroute import tracking
+    from visionroute.prefect_api import ensure_api
+
+    tracking.check_store()
+    ensure_api()
+    import visionroute.flows.route  # noqa: F401  (its imports set up logging: quiet the handlers it leaves)
+
+    _quiet_expected_tracebacks()
+
+
 def _run(args) -> int:
+    _before_a_flow()
     from visionroute.flows.route import route_image_task
 
     outcome = route_image_task(args.spec, args.prices or "")
@@ -57,9 +74,11 @@ def _train(args) -> int:
     """torchrun with this task: N processes per node, DDP (NCCL on GPUs, gloo on CPUs); rank 0 tracks."""
     import subprocess
 
+    from visionroute import tracking
     from visionroute.spec import load_spec
 
     load_spec(args.spec)  # a bad spec fails here, once, not in N processes
+    tracking.check_store()  # and an unusable store; a new one is created once, not by N ranks at once
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}"]
     command += [f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}"]
     if args.rdzv_endpoint:
@@ -74,6 +93,7 @@ def _train(args) -> int:
 
 
 def _bakeoff(args) -> int:
+    _before_a_flow()
     from visionroute.flows.bakeoff import bakeoff
 
     outcome = bakeoff(args.spec, args.routes, args.prices)
@@ -103,19 +123,21 @@ def _predict(args) -> int:
 
 
 def _fit_test(args) -> int:
+    from visionroute import tracking
     from visionroute.decision.costs import load_prices
     from visionroute.planning import read_data
     from visionroute.spec import load_spec
     from visionroute.vision.fit_test import fit_test
 
     spec = load_spec(args.spec)
+    tracking.check_store()  # before any image is sent (and billed)
     dataset, _ = read_data(spec)
     if dataset is None:
         print("error: the fit test needs labelled images: set data.path in the spec", file=sys.stderr)
         return BAD_INPUT
     provider = args.provider or spec.vision_api.provider
     if provider == "auto":
-        print("error: name the provider to test: --provider google|aws|azure|local", file=sys.stderr)
+        print(f"error: name the provider to test: --provider {'|'.join(BUILTIN_PROVIDERS)}", file=sys.stderr)
         return BAD_INPUT
     report = fit_test(spec, dataset, provider, load_prices(args.prices), sample=args.sample)
     print(json.dumps({key: value for key, value in report.items() if key != "confusion"}, indent=2))
@@ -200,6 +222,22 @@ def _down(args) -> int:
     return 0
 
 
+def _repair(args) -> int:
+    from visionroute.repair import repair
+
+    actions = repair(args.task or None)
+    flow_runs = [action["prefect_flow_run_id"] for action in actions if action.get("prefect_flow_run_id")]
+    if flow_runs:  # their Prefect flow runs still say Running: mark them Crashed too
+        from visionroute.prefect_api import crash_flow_runs, ensure_api
+
+        ensure_api()
+        crash_flow_runs(flow_runs)
+    for action in actions:
+        print(json.dumps(action))
+    print(f"{len(actions)} repair(s)", file=sys.stderr)
+    return 0
+
+
 def _backends(args) -> int:
     from visionroute.backends import list_backends
 
@@ -269,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         "fit-test", help="measure a Vision API on a labelled sample through the spec's vision_api.label_map"
     )
     fit.add_argument("spec")
-    fit.add_argument("--provider", choices=["google", "aws", "azure", "local"], help="default: the spec's")
+    fit.add_argument("--provider", choices=BUILTIN_PROVIDERS, help="default: the spec's")
     fit.add_argument("--sample", type=int, help="labelled images to send (default: vision_api.fit_sample)")
     fit.add_argument("--prices")
     fit.set_defaults(handler=_fit_test)
@@ -304,30 +342,72 @@ def build_parser() -> argparse.ArgumentParser:
     down = commands.add_parser("down", help="stop exactly what `up` started")
     down.set_defaults(handler=_down)
 
+    repair = commands.add_parser(
+        "repair",
+        help="mark runs of killed processes KILLED and remove half-registered model versions (the route flow "
+        "does this for its own task)",
+    )
+    repair.add_argument("task", nargs="*", help="task names (default: every task in the store)")
+    repair.set_defaults(handler=_repair)
+
     backends = commands.add_parser("backends", help="list the registered route backends")
     backends.set_defaults(handler=_backends)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from visionroute.backends import BackendUnavailable
-    from visionroute.data.dataset import DatasetError
-    from visionroute.decision.rules import CannotDecide
-    from visionroute.review import ReviewError
-    from visionroute.services import ServiceError
-    from visionroute.spec import SpecError
-    from visionroute.training.weights import WeightsError
-    from visionroute.vision.base import ApiError, ProviderConfigError
+# Errors that are the user's to fix, by module and class, with their exit code: the console shows their message
+# only. Matched through sys.modules, so that reporting one never imports torch (a raised error's module is loaded).
+EXPECTED_ERRORS = {
+    "visionroute.spec": (("SpecError",), BAD_INPUT),
+    "visionroute.data.dataset": (("DatasetError",), BAD_INPUT),
+    "visionroute.decision.rules": (("CannotDecide",), BAD_INPUT),
+    "visionroute.backends.base": (("BackendUnavailable",), FAILED),
+    "visionroute.training.weights": (("WeightsError",), FAILED),
+    "visionroute.vision.base": (("ApiError", "ProviderConfigError"), FAILED),
+    "visionroute.tracking": (("StoreError",), FAILED),
+    "visionroute.prefect_api": (("PrefectApiError",), FAILED),
+    "visionroute.review": (("ReviewError",), BAD_INPUT),
+    "visionroute.services": (("ServiceError",), FAILED),
+}
 
+
+def exit_code_for(error: BaseException) -> int | None:
+    """The exit code of an expected error; None for an unexpected one (it keeps its traceback)."""
+    for module_name, (names, code) in EXPECTED_ERRORS.items():
+        module = sys.modules.get(module_name)
+        if module is not None and isinstance(error, tuple(getattr(module, name) for name in names)):
+            return code
+    return BAD_INPUT if isinstance(error, ValueError) else None
+
+
+def _quiet_expected_tracebacks() -> None:
+    """Prefect logs a traceback for every failed task and flow run; for an expected error the console gets
+    the one `error:` line instead (Prefect's API log handler still records the detail with the flow run).
+    Unexpected errors keep their traceback."""
+    import logging
+
+    class ExpectedErrorFilter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not (record.exc_info and exit_code_for(record.exc_info[1]) is not None)
+
+    for name in ("", "prefect"):  # the console handlers (the API handlers sit on prefect.flow_runs/task_runs)
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not any(
+                type(f).__name__ == "ExpectedErrorFilter" for f in handler.filters
+            ):
+                handler.addFilter(ExpectedErrorFilter())
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (SpecError, DatasetError, CannotDecide, ReviewError, ValueError) as error:
+    except Exception as error:
+        code = exit_code_for(error)
+        if code is None:
+            raise
         print(f"error: {error}", file=sys.stderr)
-        return BAD_INPUT
-    except (BackendUnavailable, WeightsError, ApiError, ProviderConfigError, ServiceError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return FAILED
+        return code
 
 
 if __name__ == "__main__":

@@ -5,10 +5,17 @@ the current champion evaluated on this run's own test split (not on figures from
 the champion's 95% interval there, and never on a test split under the policy's minimum size. The
 comparison is written to the version's tags. A failure after the version is created deletes it: nothing is
 left half-registered.
+
+Order, so that a process killed at any point leaves something `repair` can finish or undo: compare with the
+champion (before any version exists) -> create the version tagged `visionroute.state=registering` -> write the
+comparison tags (`promoted` included) -> aliases -> `visionroute.state=ready`. Readers take aliases (set only at
+the end) or ready versions; `repair_versions` deletes versions a dead process left before their aliases.
+Registrations of one model are serialised by a file lock in the state folder (processes on this machine).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from collections.abc import Callable
@@ -23,13 +30,14 @@ import torch
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
-from visionroute import review
+from visionroute import review, tracking
 from visionroute.decision.policy import DEFAULT_POLICY
 from visionroute.training.engine import evaluate
 from visionroute.training.metrics import format_accuracy
 from visionroute.training.preprocessing import Preprocessing
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+STATE_TAG, REGISTERING, READY = "visionroute.state", "registering", "ready"
 
 
 @dataclass
@@ -61,18 +69,23 @@ def log_model(run_id: str, model: torch.nn.Module, prep: Preprocessing) -> str:
     with tempfile.TemporaryDirectory() as folder:
         prep_file = Path(folder) / "preprocessing.json"
         prep_file.write_text(json.dumps(prep.to_dict(), indent=2))
-        # mlflow.pytorch.log_model attaches to the active run; it is entered here, in this thread, by id.
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pytorch.log_model(
-                model,
-                name="model",
-                signature=infer_signature(example, output),
-                input_example=example,
-                pip_requirements=_pip_requirements(),
-                extra_files=[str(prep_file)],
-                metadata={"preprocessing": prep.to_dict()},
-                serialization_format="pt2",
-            )
+        # By explicit run and logged-model ids, not `mlflow.start_run(run_id=...)`: leaving that context would
+        # mark the run FINISHED before registration, and a crash then would leave a finished run with a
+        # half-registered version. The run's own lifecycle (tracking.run) closes it.
+        experiment = MlflowClient().get_run(run_id).info.experiment_id
+        logged = mlflow.initialize_logged_model(name="model", source_run_id=run_id, experiment_id=experiment)
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            model_id=logged.model_id,
+            run_id=run_id,
+            signature=infer_signature(example, output),
+            input_example=example,
+            pip_requirements=_pip_requirements(),
+            extra_files=[str(prep_file)],
+            metadata={"preprocessing": prep.to_dict()},
+            serialization_format="pt2",
+        )
     return info.model_uri
 
 
@@ -137,6 +150,22 @@ def promotion_verdict(test_metrics: dict, current: dict | None) -> tuple[bool, s
     )
 
 
+def _model_lock(name: str):
+    """One registration (or repair) of a model at a time on this machine: two runs at once would otherwise
+    each compare with the same champion and both promote."""
+    return tracking.file_lock(tracking.state_dir() / "locks" / f"model-{name}.lock")
+
+
+def _one_at_a_time(register: Callable[..., Registration]) -> Callable[..., Registration]:
+    @functools.wraps(register)
+    def locked(client: MlflowClient, name: str, *args, **kwargs) -> Registration:
+        with _model_lock(name):
+            return register(client, name, *args, **kwargs)
+
+    return locked
+
+
+@_one_at_a_time
 def register_and_promote(
     client: MlflowClient,
     name: str,
@@ -160,7 +189,7 @@ def register_and_promote(
         name,
         model_uri,
         run_id=run_id,
-        tags={k: str(v) for k, v in tags.items()},
+        tags={**{k: str(v) for k, v in tags.items()}, STATE_TAG: REGISTERING},
         description=f"test accuracy {format_accuracy(test_metrics)} on split {split_digest}",
         model_id=model_id,
     )
@@ -198,7 +227,50 @@ def register_and_promote(
             client.set_registered_model_alias(name, CHAMPION, version.version)
         # What a reviewer reads: version and model descriptions, and the alias history (visionroute.review).
         review.record_registration(client, name, str(version.version), comparison, tags)
-    except Exception:
+        client.set_model_version_tag(name, version.version, STATE_TAG, READY)
+    except BaseException:
         client.delete_model_version(name, version.version)
         raise
     return Registration(name, str(version.version), promoted, comparison)
+
+
+def require_ready(client: MlflowClient, model_uri: str) -> None:
+    """Refuse a registered version whose registration never finished (readers filter on visionroute.state)."""
+    if not model_uri.startswith("models:/"):
+        return
+    name, _, ref = model_uri.removeprefix("models:/").partition("/")
+    if "@" in name:
+        return  # aliases are set only once a version is complete
+    try:
+        version = client.get_model_version(name, ref)
+    except mlflow.exceptions.MlflowException:
+        return  # loading reports the unknown name or version
+    if version.tags.get(STATE_TAG, READY) != READY:
+        raise ValueError(
+            f"{model_uri} is half-registered ({STATE_TAG}={version.tags[STATE_TAG]}: the process registering it "
+            f"did not finish); run `visionroute repair {name}`, or use models:/{name}@champion"
+        )
+
+
+def repair_versions(client: MlflowClient, name: str, is_live: Callable[[str], bool]) -> list[dict]:
+    """Finish or undo the registrations of `name` that a dead process left half done.
+
+    A version not `ready` whose run's owner is gone is deleted, unless `champion` already points at it (the
+    last step before `ready`): then only its state tag was missing, and it is marked ready. `is_live(run_id)`
+    says whether the version's run still belongs to a live process (its registration may be under way)."""
+    repaired = []
+    with _model_lock(name):
+        try:
+            champion = client.get_model_version_by_alias(name, CHAMPION).version
+        except mlflow.exceptions.MlflowException:
+            champion = None
+        for version in client.search_model_versions(f"name = '{name}'"):
+            if version.tags.get(STATE_TAG, READY) == READY or is_live(version.run_id):
+                continue
+            if str(version.version) == str(champion) and "promoted" in version.tags:
+                client.set_model_version_tag(name, version.version, STATE_TAG, READY)
+                repaired.append({"model": name, "version": version.version, "action": "marked ready"})
+            else:
+                client.delete_model_version(name, version.version)
+                repaired.append({"model": name, "version": version.version, "action": "deleted"})
+    return repaired

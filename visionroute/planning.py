@@ -107,6 +107,11 @@ def plan(
             f"data.labeled_examples says {spec.data.labeled_examples:,} but {summary.labeled_examples:,} usable "
             f"images were found in {spec.data.path}; the count found was used"
         )
+    if dataset is not None and not check_images and dataset.root.suffix != ".npz":
+        decision.warnings.append(
+            f"{len(dataset.samples):,} image(s) were checked by their headers only; `visionroute run` decodes "
+            "every file and quarantines the unreadable ones (truncated, corrupt), so its counts may be lower"
+        )
     if dataset is not None and dataset.skipped:
         decision.warnings.append(
             f"{len(dataset.skipped)} file(s) in the data folder will be skipped (listed in skipped.json)"

@@ -28,9 +28,9 @@ def predict_paths(
     """One row per image: path, sha256, label, score, top-k; unreadable images get `error` and no label."""
     import mlflow.pytorch
 
-    from visionroute.model_registry import load_preprocessing
+    from visionroute.model_registry import load_preprocessing, require_ready
 
-    tracking.configure()
+    require_ready(tracking.configure(), model_uri)
     try:
         prep = load_preprocessing(model_uri)
         model = mlflow.pytorch.load_model(model_uri, map_location="cpu")  # a torch.export graph, eval mode

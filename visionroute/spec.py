@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from visionroute.vision.base import BUILTIN_PROVIDERS
+
 
 class Task(StrEnum):
     classify = "classify"
@@ -46,7 +48,8 @@ class Route(StrEnum):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinity pass no range check by design of IEEE floats; refuse them with a message that says so.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataSpec(_Strict):
@@ -85,7 +88,7 @@ class VisionApiSpec(_Strict):
     """How the vision_api route calls its provider. Credentials are never here: each SDK reads its own
     (GOOGLE_APPLICATION_CREDENTIALS, the AWS chain, VISION_ENDPOINT + VISION_KEY for Azure)."""
 
-    provider: Literal["auto", "google", "aws", "azure", "local"] = "auto"
+    provider: Literal[("auto", *BUILTIN_PROVIDERS)] = "auto"
     """auto: the cheapest at the monthly volume (or local when images may not leave the premises)."""
     input: Path | None = None
     """Images to annotate (a file or a folder, searched recursively); default: the images under data.path."""
@@ -129,7 +132,7 @@ class TaskSpec(_Strict):
     data: DataSpec | None = None
     domain: Domain = Domain.natural
     constraints: Constraints = Constraints()
-    route: Literal["auto", "vision_api", "finetune", "scratch"] = "auto"
+    route: Literal[("auto", *(route.value for route in Route))] = "auto"
     training: TrainingSpec = TrainingSpec()
     vision_api: VisionApiSpec = VisionApiSpec()
 
@@ -228,7 +231,12 @@ def load_spec(path: str | Path) -> TaskSpec:
     if not path.is_file():
         raise SpecError(f"{path}: no such spec file; pass the path of a task spec YAML (see examples/tasks/)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise SpecError(
+            f"{path}: not UTF-8 text (byte {error.object[error.start]:#x} at offset {error.start}); save the spec "
+            "as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        ) from None
     except yaml.YAMLError as error:
         raise SpecError(f"{path}: not valid YAML: {error}") from None
     return parse_spec(raw, source=str(path), base_dir=path.resolve().parent)

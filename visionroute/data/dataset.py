@@ -128,10 +128,25 @@ def _spread(values: list[int]) -> dict | None:
     return {"min": int(min(values)), "median": float(np.median(values)), "max": int(max(values))}
 
 
-def _scan_class_folder(folder: Path, label: int, split: str | None) -> tuple[list[Sample], list[Skipped]]:
+def _scan_class_folder(
+    folder: Path, label: int, split: str | None, root: Path | None = None
+) -> tuple[list[Sample], list[Skipped]]:
+    """Every file under `folder`. Two rules, listed in skipped.json with the reason like any bad file: hidden
+    files and files in hidden folders (a name starting with '.') are left out, and a symlink is followed only
+    when it resolves inside the dataset (`root`; the CSV manifest refuses paths outside its folder alike)."""
     samples, skipped = [], []
+    root = (root or folder).resolve()
     for path in sorted(folder.rglob("*")):
-        if path.is_dir() or path.name.startswith("."):
+        if path.is_dir():
+            continue
+        hidden = [part for part in path.relative_to(folder).parts if part.startswith(".")]
+        if hidden:
+            skipped.append(Skipped(str(path), f"hidden ({hidden[0]!r} starts with '.'); left out"))
+            continue
+        if not path.resolve().is_relative_to(root):
+            skipped.append(
+                Skipped(str(path), f"links to {path.resolve()}, outside the dataset folder {root}; refused")
+            )
             continue
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             skipped.append(Skipped(str(path), f"not an image file type ({path.suffix or 'no extension'})"))
@@ -173,7 +188,7 @@ def _scan_folders(root: Path, classes: list[str] | None) -> ImageDataset:
         for label, name in enumerate(classes):
             folder = base / name
             if folder.is_dir():
-                more, bad = _scan_class_folder(folder, label, split)
+                more, bad = _scan_class_folder(folder, label, split, root)
                 samples += more
                 skipped += bad
     dataset = ImageDataset(root, list(classes), samples, skipped)
@@ -324,12 +339,6 @@ def stratified_sample(dataset: ImageDataset, limit: int, seed: int) -> list[Samp
     # Over the limit (the two-per-class floor, many classes): take the classes in turn, so none is left out.
     interleaved = [group[i] for i in range(max(map(len, per_class))) for group in per_class if i < len(group)]
     return interleaved[:limit]
-
-
-def count_examples(path: Path, classes: list[str] | None = None) -> dict[str, int]:
-    """Labelled images per class, counted by file type without decoding (fast, for `decide`)."""
-    dataset = scan_dataset(path, classes)
-    return dataset.per_class()
 
 
 def _stratified_take(

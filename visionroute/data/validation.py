@@ -332,6 +332,16 @@ def validate(
             report.exact_duplicates.append(rows)
             if len({row["label"] for row in rows}) > 1:
                 report.label_conflicts.append(rows)
+    # The same image under two labels teaches nothing right: every copy leaves training, listed with the reason.
+    for rows in report.label_conflicts:
+        labels = sorted({row["label"] for row in rows})
+        reason = f"identical file labelled {' and '.join(labels)}: label conflict, left out (keep one copy)"
+        report.quarantined += [Skipped(row["path"], reason) for row in rows]
+    if report.label_conflicts:
+        conflicted = {row["path"] for rows in report.label_conflicts for row in rows}
+        kept = [s for s in kept if s.ref not in conflicted]
+        groups = {sha: members for sha, members in groups.items() if members[0].ref not in conflicted}
+        dataset = replace(dataset, samples=kept, skipped=report.quarantined)
     # Near-duplicates among distinct contents only: exact copies would crowd each other's neighbourhoods.
     unique = [members[0] for members in groups.values()]
     thumbnails = np.array([facts[s.ref].thumbnail for s in unique]).reshape(len(unique), -1)
@@ -367,7 +377,10 @@ def validate(
             "brightened copies; listed in data/validation.json)"
         )
     if report.label_conflicts:
-        report.warnings.append(f"{len(report.label_conflicts)} identical file(s) carry different labels")
+        report.warnings.append(
+            f"{len(report.label_conflicts)} identical file(s) carry different labels; every copy was left out "
+            "of training (listed in the quarantine)"
+        )
     return dataset, report
 
 

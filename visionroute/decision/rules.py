@@ -101,7 +101,7 @@ def _self_hosted_cost(spec: TaskSpec, examples: int, costs: dict, prices: Prices
     )
 
 
-def _api_task(spec: TaskSpec) -> Task | None:
+def api_task(spec: TaskSpec) -> Task | None:
     """What a Vision API would be asked for this task, or None when no API can serve it."""
     if spec.is_generic:
         return spec.task
@@ -407,7 +407,7 @@ def _named_provider(spec: TaskSpec, provider: str | None, prices: Prices) -> tup
             f"vision_api.provider is '{named}', but external_api_allowed is false: images may not leave the "
             "premises. Set vision_api.provider to local or auto, or allow external APIs"
         )
-    feature = _api_task(spec)
+    feature = api_task(spec)
     if prices.api_price(named, feature) is None:
         offering = [p for p in prices.providers if prices.api_price(p, feature) is not None]
         raise CannotDecide(
@@ -478,7 +478,7 @@ def decide(
         finetune_model=finetune_model,
         scratch_model=scratch_model,
         amortisation_months=policy.amortisation_months,
-        api_task=_api_task(spec),
+        api_task=api_task(spec),
     )
 
     far, domain_notes, domain_warnings = _resolve_domain(spec, summary, policy)
@@ -511,7 +511,7 @@ def decide(
             if not spec.constraints.external_api_allowed:
                 provider = LOCAL_PROVIDER
                 warnings.append("external APIs are not allowed, so the forced vision_api route runs locally")
-            elif _api_task(spec) is None:
+            elif api_task(spec) is None:
                 raise CannotDecide(
                     "route 'vision_api' was forced, but no Vision API knows the team's own classes; "
                     "give vision_api.label_map, or use route auto, finetune or scratch"
@@ -531,10 +531,10 @@ def decide(
     if route == Route.vision_api:
         provider, note = _named_provider(spec, provider, prices)
         reasons += [note] if note else []
-        if provider == LOCAL_PROVIDER and _api_task(spec) not in LOCAL_TASKS:
+        if provider == LOCAL_PROVIDER and api_task(spec) not in LOCAL_TASKS:
             raise CannotDecide(
                 f"the on-premises provider serves {', '.join(sorted(t.value for t in LOCAL_TASKS))} only, not "
-                f"'{_api_task(spec).value}'; allow external APIs or name a cloud provider in vision_api.provider"
+                f"'{api_task(spec).value}'; allow external APIs or name a cloud provider in vision_api.provider"
             )
         warnings += _ignored_settings(spec, provider)
     else:

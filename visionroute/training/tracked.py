@@ -60,14 +60,13 @@ def run_training_route(
     dataset = assign_splits(context.dataset, seed=config.seed)
     classes = dataset.classes
     client = tracking.configure()
-    run_id = tracking.start_run(
+    with tracking.run(
         client,
         spec.name,
         f"{route}-{config.model_name}",
         {"visionroute.route": route, "visionroute.model": config.model_name},
         context.parent_run_id,
-    )
-    try:
+    ) as run_id:
         if weights is not None:
             load_pretrained(model, weights, len(classes))
         prep = Preprocessing.for_model(model, config.model_name, classes, channels, native_size)
@@ -209,10 +208,6 @@ def run_training_route(
             },
         )
         tracking.log_json(client, run_id, registration.comparison, "registry/comparison.json")
-        client.set_terminated(run_id, "FINISHED")
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
     clean = test.get("without_leaked")
     text = (
         (f"resumed from epoch {result.resumed_from_epoch}; " if result.resumed_from_epoch else "")

@@ -39,8 +39,33 @@ def fit_test(
     require_files(dataset)
     chosen = stratified_sample(dataset, sample or spec.vision_api.fit_sample, spec.training.seed)
     truth = {s.ref: dataset.classes[s.label] for s in chosen}
-    result = annotate(spec, provider, list(truth), prices, progress_bar=progress_bar)
+    client = tracking.configure()
+    with tracking.run(
+        client,
+        spec.name,
+        f"fit-test-{provider}",
+        {"visionroute.kind": "fit-test", "visionroute.provider": provider},
+        parent_run_id,
+    ) as run_id:
+        result = annotate(spec, provider, list(truth), prices, progress_bar=progress_bar)
+        report = _report(spec, dataset, prices, result, truth, label_map)
+        report["run_id"] = run_id
+        _log(client, run_id, spec, report, result)
+        failed = [row for row in result.rows if row["error"]]
+        if len(failed) * 2 > report["images"]:
+            # Mostly errors measure the credential or the network, not the API's accuracy: never escalate on
+            # them.
+            kinds = Counter(row["error"]["kind"] for row in failed)
+            raise ApiError(
+                failed[0]["error"]["kind"],
+                f"the fit test could not measure {result.provider}: {len(failed)} of {report['images']} images "
+                f"failed ({', '.join(f'{k} x{n}' for k, n in sorted(kinds.items()))}; first: "
+                f"{failed[0]['error']['message']}). Fix that and run it again; nothing was escalated",
+            )
+    return report
 
+
+def _report(spec: TaskSpec, dataset: ImageDataset, prices: Prices, result, truth: dict, label_map) -> dict:
     classify_rows(result.rows, label_map, truth)
     per_class: dict[str, Counter] = {name: Counter() for name in dataset.classes}
     confusion: Counter = Counter()
@@ -52,7 +77,7 @@ def fit_test(
         confusion[(actual, predicted or UNMAPPED)] += 1
     images = len(result.rows)
     correct = sum(counts["correct"] for counts in per_class.values())
-    report = {
+    return {
         "provider": result.provider,
         "feature": result.feature,
         "images": images,
@@ -76,18 +101,6 @@ def fit_test(
             if key in ("cache_hits", "billed_units", "errors")
         },
     }
-    report["run_id"] = _track(spec, report, result, parent_run_id)
-    failed = [row for row in result.rows if row["error"]]
-    if len(failed) * 2 > images:
-        # Mostly errors measure the credential or the network, not the API's accuracy: never escalate on them.
-        kinds = Counter(row["error"]["kind"] for row in failed)
-        raise ApiError(
-            failed[0]["error"]["kind"],
-            f"the fit test could not measure {result.provider}: {len(failed)} of {images} images failed "
-            f"({', '.join(f'{k} x{n}' for k, n in sorted(kinds.items()))}; first: {failed[0]['error']['message']}). "
-            "Fix that and run it again; nothing was escalated",
-        )
-    return report
 
 
 def _monthly(spec: TaskSpec, prices: Prices, provider: str) -> float | None:
@@ -97,15 +110,7 @@ def _monthly(spec: TaskSpec, prices: Prices, provider: str) -> float | None:
     return None if cost is None else round(cost, 2)
 
 
-def _track(spec: TaskSpec, report: dict, result, parent_run_id: str | None) -> str:
-    client = tracking.configure()
-    run_id = tracking.start_run(
-        client,
-        spec.name,
-        f"fit-test-{report['provider']}",
-        {"visionroute.kind": "fit-test", "visionroute.provider": report["provider"]},
-        parent_run_id,
-    )
+def _log(client, run_id: str, spec: TaskSpec, report: dict, result) -> None:
     tracking.log_params(
         client,
         run_id,
@@ -134,5 +139,3 @@ def _track(spec: TaskSpec, report: dict, result, parent_run_id: str | None) -> s
     )
     tracking.log_json(client, run_id, report, "fit_test.json")
     tracking.log_text(client, run_id, jsonl_text(result.rows), "fit_test_results.jsonl")
-    client.set_terminated(run_id, "FINISHED")
-    return run_id

@@ -16,6 +16,7 @@ from functools import cached_property
 from PIL import Image, ImageOps
 
 from visionroute.data.images import to_rgb
+from visionroute.decision.rules import LOCAL_TASKS
 from visionroute.vision.base import (
     Annotation,
     ApiError,
@@ -63,7 +64,9 @@ class LocalProvider:
         return f"{TAG_MODEL}-imagenet1k/{tesseract_version() or 'no-tesseract'}"
 
     def features(self) -> frozenset[str]:
-        return frozenset({"tag", "ocr"} if ocr_available() else {"tag"})
+        # What the decision rules route here (LOCAL_TASKS), less OCR on a machine without Tesseract.
+        served = {task.value for task in LOCAL_TASKS}
+        return frozenset(served if ocr_available() else served - {"ocr"})
 
     def missing(self, feature: str) -> str | None:
         """What to install for a feature this machine cannot serve yet."""

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from visionroute import tracking
 from visionroute.data.dataset import DatasetError, scan_images
 from visionroute.decision.costs import Prices
+from visionroute.decision.rules import api_task
 from visionroute.spec import Task, TaskSpec
 from visionroute.vision import local
 from visionroute.vision.base import Provider, ProviderSettings, Quota, create_provider
@@ -44,8 +45,12 @@ def quota_for(spec: TaskSpec, provider: Provider) -> Quota:
 
 
 def feature_for(spec: TaskSpec) -> str:
-    """What the API is asked: the generic task itself, or tags for a classify task with a label_map."""
-    return Task.tag.value if spec.classify_by_api else spec.task.value
+    """What the API is asked: the generic task itself, or tags for a classify task with a label_map (the
+    decision rules' `api_task`, so that what is priced is what is sent)."""
+    task = api_task(spec)
+    if task is None:
+        raise ValueError(f"no Vision API serves task {spec.task.value} without a vision_api.label_map")
+    return task.value
 
 
 def input_paths(spec: TaskSpec, dataset=None) -> tuple[list[str], list[dict]]:

@@ -1,0 +1,401 @@
+"""Nothing half-done after a failure: one MLflow run lifecycle, stores checked first, clear errors, repair after
+`kill -9`, serialised first runs. Real MLflow (SQLite in tmp), real Prefect, real processes and signals."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, make_dataset, make_image, write_spec
+from mlflow.tracking import MlflowClient
+from prefect.testing.utilities import prefect_test_harness
+from visionroute.flows.route import route_image_task
+
+from visionroute import model_registry, tracking
+from visionroute.cli import main
+
+pytestmark = pytest.mark.flow
+
+PRIVATE_TAGS = "name: private-tags\ntask: tag\nconstraints: {external_api_allowed: false}\n"
+TRAINING_SPEC = """
+name: {name}
+task: classify
+data: {{path: ./data}}
+domain: natural
+constraints: {{monthly_volume: 1000}}
+training: {{model: tf_efficientnet_lite0, epochs: {epochs}, budget_minutes: 2}}
+"""
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        from prefect.settings import PREFECT_API_URL
+
+        yield PREFECT_API_URL.value()
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`visionroute ARGS` in its own process, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "visionroute.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+    )
+
+
+def own_env(tmp_path: Path) -> dict:
+    """A process with its own Prefect home (ephemeral server database) and no configured Prefect server."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    env.pop("PYTEST_CURRENT_TEST", None)
+    return env
+
+
+def prefect_servers(home: Path) -> list[int]:
+    """Pids of Prefect API servers (uvicorn) started with this PREFECT_HOME."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if b"prefect.server.api.server:create_app" in command and f"PREFECT_HOME={home}".encode() in environ:
+            pids.append(int(entry.name))
+    return pids
+
+
+def runs(client: MlflowClient, experiment: str):
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id]) if found else []
+
+
+# --- one lifecycle -------------------------------------------------------------------------------------------
+
+
+def test_a_failure_while_opening_tracking_leaves_the_parent_run_failed(harness, tmp_path, isolated_state):
+    spec = write_spec(tmp_path / "tags.yaml", PRIVATE_TAGS)
+    # The experiment's artifact folder cannot be created: logging the spec to the parent run fails.
+    (isolated_state / "artifacts").mkdir(parents=True)
+    (isolated_state / "artifacts" / "private-tags").write_text("a file where a folder must go")
+    with pytest.raises(OSError):
+        route_image_task(str(spec))
+    client = tracking.configure()
+    [parent] = runs(client, "private-tags")
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["visionroute.error"].startswith(("FileExistsError", "NotADirectoryError"))
+    assert parent.data.tags["visionroute.pid"] == str(os.getpid())
+
+
+def test_the_run_lifecycle_marks_failed_on_any_error_and_finished_on_success():
+    client = tracking.configure()
+    with tracking.run(client, "lifecycle", "ok", {"visionroute.kind": "test"}) as ok:
+        pass
+    with (
+        pytest.raises(KeyboardInterrupt),
+        tracking.run(client, "lifecycle", "interrupted", {}) as interrupted,
+    ):
+        raise KeyboardInterrupt
+    assert client.get_run(ok).info.status == "FINISHED"
+    stopped = client.get_run(interrupted)
+    assert stopped.info.status == "FAILED" and stopped.data.tags["visionroute.error"] == "KeyboardInterrupt"
+
+
+def test_logging_the_model_leaves_the_training_run_open_until_registration_ends():
+    # mlflow.start_run(run_id=...) around log_model used to close the run FINISHED before registration.
+    import torch
+
+    from visionroute.training.engine import Preprocessing
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2)
+    )
+    prep = Preprocessing(32, 36, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), ["a", "b"], "tiny")
+    client = tracking.check_store()
+    with tracking.run(client, "log-model", "finetune-tiny", {}) as run_id:
+        uri = model_registry.log_model(run_id, model, prep)
+        assert client.get_run(run_id).info.status == "RUNNING"
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    logged = client.get_logged_model(uri.removeprefix("models:/"))
+    assert logged.experiment_id == run.info.experiment_id and logged.source_run_id == run_id
+
+
+# --- stores checked first ------------------------------------------------------------------------------------
+
+
+def test_an_unreachable_tracking_server_fails_first_naming_the_uri(tmp_path, monkeypatch, capsys):
+    spec = write_spec(tmp_path / "tags.yaml", PRIVATE_TAGS)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    started = time.monotonic()
+    assert main(["run", str(spec)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the MLflow tracking server http://127.0.0.1:1 does not answer")
+    assert "MLFLOW_TRACKING_URI" in err
+    print(f"unreachable store reported after {time.monotonic() - started:.2f} s")
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare for a read-only mount")
+def test_a_read_only_state_folder_fails_first_naming_the_path(tmp_path):
+    state = tmp_path / "ro-state"
+    state.mkdir()
+    spec = write_spec(tmp_path / "tags.yaml", PRIVATE_TAGS)
+    # A real read-only file system (root ignores permission bits): a read-only bind mount in a private namespace.
+    script = (
+        f"mount --bind -o ro {state} {state} 2>/dev/null || mount --bind {state} {state} && "
+        f"mount -o remount,bind,ro {state} && exec {sys.executable} -m visionroute.cli run {spec}"
+    )
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("this machine does not allow user namespaces (unshare -rm)")
+    done = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "VISIONROUTE_STATE": str(state)},
+        cwd=REPO,
+    )
+    assert done.returncode == 1, done.stderr
+    assert (
+        f"error: the MLflow store {state / 'mlflow.db'} cannot be written (Read-only file system)"
+        in done.stderr
+    )
+    assert "Traceback" not in done.stderr
+
+
+def test_two_first_runs_on_a_new_store_migrate_it_once(tmp_path):
+    env = {"VISIONROUTE_STATE": str(tmp_path / "fresh")}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "visionroute.cli", "repair"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **env},
+            cwd=REPO,
+        )
+        for _ in range(3)
+    ]
+    outcomes = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0], [err[-2000:] for _, err in outcomes]
+
+
+# --- Prefect start-up ----------------------------------------------------------------------------------------
+
+
+def test_a_prefect_server_that_does_not_start_in_time_says_how_to_fix_it(tmp_path, monkeypatch):
+    from visionroute.prefect_api import startup_timeout
+
+    monkeypatch.delenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", raising=False)
+    assert startup_timeout() == 180  # Prefect's own 20 s is missed on a loaded machine
+    spec = write_spec(tmp_path / "tags.yaml", PRIVATE_TAGS)
+    # One second: a new Python process cannot even import Prefect's server in that time.
+    env = own_env(tmp_path) | {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"}
+    done = cli("run", str(spec), env=env)
+    assert done.returncode == 1, done.stderr
+    assert "error: the temporary Prefect server did not start within 1 s" in done.stderr
+    assert "export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=600" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert prefect_servers(tmp_path / "prefect-home") == []
+
+
+# --- console errors ------------------------------------------------------------------------------------------
+
+
+def test_an_expected_error_prints_one_clear_line_and_an_unexpected_one_its_traceback(harness, tmp_path):
+    spec = write_spec(tmp_path / "tags.yaml", PRIVATE_TAGS)
+    env = {"PREFECT_API_URL": harness}
+    done = cli("run", str(spec), env=env)
+    assert done.returncode == 2
+    assert "error: " in done.stderr and "set vision_api.input" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+
+    artifacts = Path(os.environ["VISIONROUTE_STATE"]) / "artifacts" / "private-tags"
+    shutil.rmtree(artifacts)
+    artifacts.write_text("a file where a folder must go")  # an OSError: not an error the user caused
+    done = cli("run", str(spec), env=env)
+    assert done.returncode == 1
+    assert "Traceback" in done.stderr
+
+
+# --- kill -9 and repair --------------------------------------------------------------------------------------
+
+_HALF_REGISTER = """
+import sys
+from visionroute import model_registry, tracking
+client = tracking.check_store()
+name, champion, flow_run = sys.argv[1], sys.argv[2] == "champion", sys.argv[3]
+tags = {"visionroute.route": "finetune", "prefect.flow_run_id": flow_run or None}
+run_id = tracking.start_run(client, name, "finetune-killed", tags)
+client.create_registered_model(name) if not client.search_registered_models(f"name = '{name}'") else None
+version = client.create_model_version(
+    name, f"runs:/{run_id}/model", run_id=run_id,
+    tags={model_registry.STATE_TAG: model_registry.REGISTERING},
+).version
+if champion:  # killed after its last alias, before `ready`
+    client.set_model_version_tag(name, version, "promoted", "true")
+    client.set_registered_model_alias(name, model_registry.CHAMPION, version)
+print(run_id, version)
+"""
+
+
+def half_register(name: str, champion: bool, flow_run: str = "") -> tuple[str, str]:
+    """What a process killed during registration leaves: it exits here without closing anything."""
+    done = subprocess.run(
+        [sys.executable, "-c", _HALF_REGISTER, name, "champion" if champion else "no", flow_run],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    )
+    run_id, version = done.stdout.split()
+    return run_id, version
+
+
+def running_flow_run() -> str:
+    """A Prefect flow run left Running, as a killed process leaves it."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    @flow(name="killed-flow")
+    def killed() -> None: ...
+
+    with get_client(sync_client=True) as client:
+        return str(client.create_flow_run(killed, state=Running()).id)
+
+
+def flow_run_state(flow_run_id: str) -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id).state.type.value
+
+
+def test_repair_kills_runs_of_dead_processes_and_finishes_or_removes_their_versions(harness, capsys):
+    client = tracking.check_store()
+    flow_run = running_flow_run()
+    first_run, first = half_register("killed-task", champion=True, flow_run=flow_run)
+    second_run, second = half_register("killed-task", champion=False)
+    with tracking.run(client, "killed-task", "alive", {}) as alive:  # this process lives: left alone
+        assert main(["repair", "killed-task"]) == 0
+        assert client.get_run(alive).info.status == "RUNNING"
+    for run_id in (first_run, second_run):
+        run = client.get_run(run_id)
+        assert run.info.status == "KILLED"
+        assert "ended without closing this run" in run.data.tags["visionroute.killed"]
+    kept = client.get_model_version("killed-task", first)
+    assert kept.tags[model_registry.STATE_TAG] == "ready" and kept.tags["promoted"] == "true"
+    assert [str(v.version) for v in client.search_model_versions("name = 'killed-task'")] == [first]
+    assert second != first
+    assert "4 repair(s)" in capsys.readouterr().err
+    assert flow_run_state(flow_run) == "CRASHED"
+
+
+def test_a_half_registered_version_is_refused_by_predict(tmp_path, capsys):
+    tracking.check_store()
+    _, version = half_register("half-task", champion=False)
+    image = make_image(tmp_path / "x.jpg", (200, 40, 40), 1)
+    assert main(["predict", "--model", f"models:/half-task/{version}", str(image)]) == 2
+    assert "is half-registered (visionroute.state=registering" in capsys.readouterr().err
+
+
+def training_task(root: Path, name: str, epochs: int = 1, splits: tuple[str, ...] = ()) -> Path:
+    # With splits, each split folder gets 15 images per class: a test split of 30 may choose a champion.
+    make_dataset(root / "data", per_class=15 if splits else 8, splits=splits)
+    return write_spec(root / f"{name}.yaml", TRAINING_SPEC.format(name=name, epochs=epochs))
+
+
+def wait_for(predicate, timeout: float, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    return None
+
+
+@pytest.mark.slow
+def test_kill_9_mid_training_then_rerun_leaves_nothing_half_done(tmp_path):
+    spec = training_task(tmp_path, "killed-mid-training", epochs=30)
+    env = own_env(tmp_path)
+    log = tmp_path / "killed-run.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "visionroute.cli", "run", str(spec)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+        )
+
+    def training() -> bool:
+        assert proc.poll() is None, f"the run ended before it was killed:\n{log.read_text()[-3000:]}"
+        # Through the store check: it waits on the lock while the run creates and migrates the new store.
+        return any(
+            run.info.run_name.startswith("finetune") and run.data.metrics.get("val_accuracy") is not None
+            for run in runs(tracking.check_store(), "killed-mid-training")
+        )
+
+    assert wait_for(training, timeout=480), "training never started"
+    servers = prefect_servers(tmp_path / "prefect-home")
+    assert servers, "the run's temporary Prefect server was not found"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    client = tracking.configure()
+    assert wait_for(lambda: not prefect_servers(tmp_path / "prefect-home"), timeout=20) is not None
+    assert {run.info.status for run in runs(client, "killed-mid-training")} == {"RUNNING"}
+
+    done = cli("run", str(spec), env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    statuses = {run.info.run_name: run.info.status for run in runs(client, "killed-mid-training")}
+    assert "RUNNING" not in statuses.values()
+    killed = [run for run in runs(client, "killed-mid-training") if run.info.status == "KILLED"]
+    assert len(killed) == 2 and all("visionroute.killed" in run.data.tags for run in killed)
+    versions = client.search_model_versions("name = 'killed-mid-training'")
+    assert versions and all(
+        v.tags.get("promoted") and v.tags[model_registry.STATE_TAG] == "ready" for v in versions
+    )
+    assert not prefect_servers(tmp_path / "prefect-home")
+    # The killed flow run and its sub-flow no longer say Running in Prefect's database.
+    with sqlite3.connect(tmp_path / "prefect-home" / "prefect.db") as db:
+        states = sorted(state for (state,) in db.execute("select state_type from flow_run"))
+    assert "RUNNING" not in states and states.count("CRASHED") == 2, states
+
+
+@pytest.mark.slow
+def test_two_concurrent_first_runs_both_succeed_with_one_champion(tmp_path):
+    spec = training_task(tmp_path, "twin-runs", splits=("train", "val", "test"))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "visionroute.cli", "run", str(spec)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=own_env(tmp_path),
+            cwd=REPO,
+        )
+        for _ in range(2)
+    ]
+    outcomes = [proc.communicate(timeout=900) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], [err[-3000:] for _, err in outcomes]
+    client = tracking.configure()  # both URIs: an earlier test set the global registry
+    versions = client.search_model_versions("name = 'twin-runs'")
+    assert len(versions) == 2
+    assert sorted(v.tags["promoted"] for v in versions) == ["false", "true"]
+    champion = client.get_model_version_by_alias("twin-runs", "champion")
+    assert champion.tags["promoted"] == "true"
