@@ -129,7 +129,8 @@ def test_visionroute_train_runs_ddp_through_torchrun_and_rank_0_registers(tmp_pa
     command = [sys.executable, "-m", "visionroute.cli", "train", str(spec), "--nproc-per-node", "2"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    client = MlflowClient(f"sqlite:///{state / 'mlflow.db'}")
+    uri = f"sqlite:///{state / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)  # not a registry URI an earlier test set globally
     # 16 test images, under the minimum a champion is chosen on: every new version is challenger.
     version = client.get_model_version_by_alias("radar-ddp", "challenger")
     assert str(version.version) == "1"  # registered once, by rank 0 alone
@@ -163,7 +164,8 @@ def test_kill_9_mid_training_then_the_same_visionroute_run_resumes_from_the_chec
     again = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from epoch" in again.stdout + again.stderr
-    client = MlflowClient(f"sqlite:///{state / 'mlflow.db'}")
+    uri = f"sqlite:///{state / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)  # not a registry URI an earlier test set globally
     experiment = client.get_experiment_by_name("radar-resume").experiment_id
     finished = [r for r in client.search_runs([experiment]) if r.info.status == "FINISHED"]
     training = [

@@ -222,6 +222,8 @@ RESUMABLE = textwrap.dedent(
 
     npz, folder, pause = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "pause"
     dataset = assign_splits(scan_dataset(npz), seed=0)
+    import torch
+    torch.manual_seed(0)  # the same initial weights in every process
     model = build_model("resnet18_small", 2, in_chans=1, input_size=28)
     prep = Preprocessing.for_model(model, "resnet18_small", dataset.classes, 1, 28)
     data = prepare_data(dataset, prep, cache_root=folder / "cache")
