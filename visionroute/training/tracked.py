@@ -91,7 +91,7 @@ def run_training_route(
         )
         tracking.log_json(client, run_id, dataset.split_manifest(), "data/split.json")
 
-        cache_root = tracking.state_dir() / "cache" / "decoded"
+        cache_root = _cache_root()
         data = prepare_data(dataset, prep, workers=config.decode_workers, cache_root=cache_root)
         client.set_tag(
             run_id,
@@ -119,8 +119,7 @@ def run_training_route(
 
         # Checkpoints live per task and run identity, so that a re-run after a crash (or a Prefect retry)
         # finds and resumes them; another spec, data or configuration gets another folder and starts fresh.
-        config.resume_key = _resume_key(spec, dataset, prep, config)
-        config.checkpoint_dir = tracking.state_dir() / "checkpoints" / spec.name / config.resume_key
+        _point_at_checkpoints(config, spec, dataset, prep)
         result = train(config, model, data, on_epoch=on_epoch)
         if result.resumed_from_epoch:
             client.set_tag(run_id, "visionroute.resumed_from_epoch", str(result.resumed_from_epoch))
@@ -248,15 +247,22 @@ def follow_training_route(
     if weights is not None:
         load_pretrained(model, weights, len(dataset.classes))
     prep = Preprocessing.for_model(model, config.model_name, dataset.classes, channels, native_size)
-    data = prepare_data(
-        dataset, prep, workers=config.decode_workers, cache_root=tracking.state_dir() / "cache" / "decoded"
-    )
-    config.resume_key = _resume_key(spec, dataset, prep, config)
-    config.checkpoint_dir = tracking.state_dir() / "checkpoints" / spec.name / config.resume_key
+    data = prepare_data(dataset, prep, workers=config.decode_workers, cache_root=_cache_root())
+    _point_at_checkpoints(config, spec, dataset, prep)
     train(config, model, data)
     return BackendResult(
         route=route, run_id=None, summary=f"{route}: rank {distributed.rank()} trained alongside rank 0"
     )
+
+
+def _cache_root() -> Path:
+    return tracking.state_dir() / "cache" / "decoded"
+
+
+def _point_at_checkpoints(config: TrainConfig, spec, dataset, prep: Preprocessing) -> None:
+    """The run's resume key and checkpoint folder: every rank, and a re-run of the same task, find the same one."""
+    config.resume_key = _resume_key(spec, dataset, prep, config)
+    config.checkpoint_dir = tracking.state_dir() / "checkpoints" / spec.name / config.resume_key
 
 
 def _resume_key(spec, dataset, prep: Preprocessing, config: TrainConfig) -> str:
