@@ -10,8 +10,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import REPO, write_spec
-from test_engine import grey_npz
+from conftest import REPO, grey_npz, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -137,40 +136,3 @@ def test_visionroute_train_runs_ddp_through_torchrun_and_rank_0_registers(tmp_pa
     assert len(client.search_model_versions("name='radar-ddp'")) == 1
     runs = client.search_runs([client.get_experiment_by_name("radar-ddp").experiment_id])
     assert sorted(run.info.status for run in runs) == ["FINISHED", "FINISHED"]  # parent and training run only
-
-
-def test_kill_9_mid_training_then_the_same_visionroute_run_resumes_from_the_checkpoint(tmp_path):
-    import signal
-    import time
-
-    from mlflow.tracking import MlflowClient
-
-    spec = radar_spec(tmp_path, "radar-resume", epochs=5, count=64)
-    state, env = cli_env(tmp_path)
-    command = [sys.executable, "-m", "visionroute.cli", "run", str(spec)]
-    victim = subprocess.Popen(
-        command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 600
-    checkpoints = state / "checkpoints" / "radar-resume"
-    while not list(checkpoints.glob("*/last.pt")):
-        assert victim.poll() is None and time.time() < deadline, (
-            "the run ended before an epoch was checkpointed"
-        )
-        time.sleep(0.1)
-    os.kill(victim.pid, signal.SIGKILL)  # last.pt is replaced atomically: a complete checkpoint is there
-    victim.wait()
-
-    again = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "resumed from epoch" in again.stdout + again.stderr
-    uri = f"sqlite:///{state / 'mlflow.db'}"
-    client = MlflowClient(uri, registry_uri=uri)  # not a registry URI an earlier test set globally
-    experiment = client.get_experiment_by_name("radar-resume").experiment_id
-    finished = [r for r in client.search_runs([experiment]) if r.info.status == "FINISHED"]
-    training = [
-        r for r in finished if r.data.tags.get("visionroute.route") == "scratch" and "model" in r.data.params
-    ]
-    assert len(training) == 1
-    assert int(training[0].data.tags["visionroute.resumed_from_epoch"]) >= 1
-    assert str(client.get_model_version_by_alias("radar-resume", "challenger").version) == "1"

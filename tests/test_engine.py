@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, make_dataset
+from conftest import REPO, grey_npz, make_dataset
 from PIL import Image
 
 from visionroute.data.dataset import assign_splits, native_shape, scan_dataset
@@ -59,21 +59,6 @@ def fresh_model():
     model = build_model(MODEL, 2)
     load_pretrained(model, resolve_pretrained(MODEL, model), 2)
     return model
-
-
-def grey_npz(path, count=60, side=28, seed=0):
-    """A MedMNIST-layout .npz: bright blob (class 1) or not, with official train/val/test splits."""
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for split, n in (("train", count), ("val", count // 3), ("test", count // 3)):
-        labels = np.arange(n) % 2
-        images = rng.integers(0, 80, (n, side, side)).astype(np.uint8)
-        for index in np.flatnonzero(labels == 1):  # a blob at its own place: no two images near-duplicates
-            top, left = rng.integers(0, side - 12, 2)
-            images[index, top : top + 10, left : left + 10] += 150
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels[:, None]
-    np.savez(path, **arrays)
-    return path
 
 
 def own_dataset(tmp_path):

@@ -186,7 +186,7 @@ def test_a_route_that_cannot_run_fails_clearly_and_leaves_a_failed_parent_run(tm
 
 @pytest.mark.slow
 def test_scratch_on_grey_28px_data_trains_natively_and_registers_a_champion(tmp_path):
-    from test_engine import grey_npz
+    from conftest import grey_npz
 
     from visionroute.model_registry import load_preprocessing
 

@@ -142,7 +142,7 @@ def submit_custom_run(page, prefect: str, deployment_id: str, shot: Path) -> str
 
 def test_the_users_day_in_a_browser(services, tmp_path, out_dir):
     from mlflow.tracking import MlflowClient
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     prefect, mlflow_ui, env = services["prefect"], services["mlflow"], services["env"]
     data = tiny_ants_and_bees(tmp_path / "ants_bees")
@@ -176,12 +176,13 @@ def test_the_users_day_in_a_browser(services, tmp_path, out_dir):
         page.get_by_text("Custom run", exact=True).click()
         page.wait_for_url("**/run?**")
         spec_field = field(page, "spec_path (Optional)")
-        assert "An existing task spec file on the worker" in spec_field.inner_text()
+        # expect() waits: the descriptions render after the labels.
+        expect(spec_field).to_contain_text("An existing task spec file on the worker")
         spec_field.locator("textarea").fill(str(spec))
         overrides = field(page, "overrides (Optional)")
         field(overrides, "Budget Minutes (Optional)").locator("input").fill("0.5")
         field(overrides, "Epochs (Optional)").locator("input").fill("1")
-        assert "Force a route for this run" in overrides.inner_text()
+        expect(overrides).to_contain_text("Force a route for this run")
         page.screenshot(path=str(out_dir / "02-custom-run-form.png"), full_page=True)
         run_url = submit_custom_run(
             page, prefect, deployments["ants-vs-bees-weekly"], out_dir / "02b-submit-failed.png"
@@ -214,11 +215,11 @@ def test_the_users_day_in_a_browser(services, tmp_path, out_dir):
         assert {"challenger"} <= set(aliases)
         page.goto(f"{mlflow_ui}/#/models/ants-vs-bees")
         page.get_by_text("Version 2").first.wait_for()
-        assert "challenger" in page.inner_text("body")
+        expect(page.locator("body")).to_contain_text("challenger")
         page.screenshot(path=str(out_dir / "05-mlflow-model.png"), full_page=True)
         page.goto(f"{mlflow_ui}/#/models/ants-vs-bees/versions/2")
         page.get_by_text("on the same test split").first.wait_for()
-        assert "by rule" in page.inner_text("body")
+        expect(page.locator("body")).to_contain_text("by rule")
         page.screenshot(path=str(out_dir / "06-mlflow-version.png"), full_page=True)
 
         # 5. review-model from its form: make the version that is not champion the champion, with a reason.
@@ -245,7 +246,7 @@ def test_the_users_day_in_a_browser(services, tmp_path, out_dir):
         )
         page.goto(f"{mlflow_ui}/#/models/ants-vs-bees")
         page.get_by_text("Ada Reviewer").first.wait_for()
-        assert "checked the confusion matrix" in page.inner_text("body")
+        expect(page.locator("body")).to_contain_text("checked the confusion matrix")
         page.screenshot(path=str(out_dir / "09-mlflow-history.png"), full_page=True)
         browser.close()
     assert len(list(out_dir.glob("*.png"))) == 10
