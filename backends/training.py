@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from visionroute.backends.base import BackendContext, BackendResult, register_backend
 
 from visionroute.data.dataset import native_shape
 from visionroute.training import distributed
 from visionroute.training.catalogue import catalogue_entry
 from visionroute.training.engine import TrainConfig, build_model
+from visionroute.training.launch import train_under_torchrun
 from visionroute.training.recipes import FINETUNE, SCRATCH, Recipe
 from visionroute.training.tracked import follow_training_route, model_for, run_training_route
 from visionroute.training.weights import hub_allowed, resolve_pretrained
@@ -51,6 +53,10 @@ class TrainingBackend:
             budget_seconds=spec.training.budget_minutes * 60,
             seed=spec.training.seed,
         )
+        processes = distributed.processes_for(recipe.name, spec.training.processes, torch.cuda.device_count())
+        if processes > 1 and not distributed.under_torchrun():
+            # Started again in `processes` ranks; this process waits and reports their progress and result.
+            return train_under_torchrun(context, recipe.name, processes, {"max_epochs": self.max_epochs})
         # Under torchrun every rank trains; rank 0 alone tracks, checkpoints and registers.
         route = run_training_route if distributed.is_main() else follow_training_route
         return route(context, recipe.name, config, model, weights, channels=channels, native_size=native)

@@ -299,3 +299,14 @@ def test_auc_and_threshold():
     # threshold separates them.
     threshold = binary_threshold([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4])
     assert 0.2 < threshold <= 0.3
+
+
+def test_scratch_trains_in_one_process_per_gpu_unless_the_spec_says_otherwise():
+    from visionroute.training.distributed import processes_for
+
+    assert processes_for("scratch", "auto", gpus=4) == 4
+    assert processes_for("scratch", "auto", gpus=0) == 1
+    assert processes_for("finetune", "auto", gpus=4) == 1  # small data: one GPU is enough
+    assert processes_for("finetune", 2, gpus=0) == 2  # CPU ranks share the cores through gloo (tests, trials)
+    with pytest.raises(ValueError, match="training.processes is 8 but 4 GPU"):
+        processes_for("scratch", 8, gpus=4)

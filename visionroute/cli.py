@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -59,6 +60,11 @@ def _run(args) -> int:
     from visionroute.flows.route import route_image_task
 
     outcome = route_image_task(args.spec, args.prices or "")
+    _print_outcome(outcome)
+    return 0
+
+
+def _print_outcome(outcome: dict) -> None:
     result = outcome["result"]
     print(f"\nparent MLflow run: {outcome['parent_run_id']}  (tracking store: {outcome['tracking_uri']})")
     if result.get("model_version"):
@@ -67,29 +73,40 @@ def _run(args) -> int:
             f"registered model: models:/{result['model_name']}/{result['model_version']} "
             f"(models:/{result['model_name']}@{alias})"
         )
-    return 0
 
 
 def _train(args) -> int:
-    """torchrun with this task: N processes per node, DDP (NCCL on GPUs, gloo on CPUs); rank 0 tracks."""
+    """The route flow with N training processes per node (torchrun DDP: NCCL on GPUs, gloo on CPUs). torchrun's
+    multi-node settings reach it as its own PET_* environment variables."""
     import subprocess
 
-    from visionroute import tracking
-    from visionroute.spec import load_spec
+    from visionroute.backends.base import BackendUnavailable
+    from visionroute.planning import plan
+    from visionroute.training.launch import torchrun_command
 
-    load_spec(args.spec)  # a bad spec fails here, once, not in N processes
-    tracking.check_store()  # and an unusable store; a new one is created once, not by N ranks at once
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}"]
-    command += [f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}"]
+    settings = {"NNODES": args.nnodes, "NODE_RANK": args.node_rank, "RDZV_ID": args.rdzv_id}
     if args.rdzv_endpoint:
-        command += [f"--rdzv-endpoint={args.rdzv_endpoint}", f"--rdzv-backend={args.rdzv_backend}"]
-        command += [f"--rdzv-id={args.rdzv_id}"]
-    else:
-        command += ["--standalone"]
-    command += ["-m", "visionroute.training.launch", args.spec]
-    if args.prices:
-        command += ["--prices", args.prices]
-    return subprocess.call(command)
+        settings |= {"RDZV_ENDPOINT": args.rdzv_endpoint, "RDZV_BACKEND": args.rdzv_backend}
+    os.environ.update({f"PET_{key}": str(value) for key, value in settings.items()})
+    route = plan(args.spec, args.prices).decision.route  # a bad spec or a non-training task fails here, once
+    if route not in ("finetune", "scratch"):
+        raise BackendUnavailable(
+            f"visionroute train runs training routes; this task's route is {route} (use visionroute run)"
+        )
+    if args.node_rank > 0:  # rank 0 and the flow live on node 0; this node's ranks follow them
+        import torch
+
+        command = torchrun_command(args.nproc_per_node or max(1, torch.cuda.device_count()), args.spec)
+        return subprocess.call(command + (["--prices", args.prices] if args.prices else []))
+    _before_a_flow()
+    from visionroute.flows.route import route_image_task
+    from visionroute.forms import RunOverrides
+
+    outcome = route_image_task(
+        args.spec, args.prices or "", overrides=RunOverrides(processes=args.nproc_per_node)
+    )
+    _print_outcome(outcome)
+    return 0
 
 
 def _bakeoff(args) -> int:
@@ -278,7 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("spec")
     train.add_argument("--prices", help="price file (default: the bundled one)")
-    train.add_argument("--nproc-per-node", type=int, default=1, help="processes per node (one per GPU)")
+    train.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=0,
+        help="processes per node, one per GPU (default: the spec's training.processes; auto is one per GPU)",
+    )
     train.add_argument("--nnodes", default="1", help="nodes, or MIN:MAX (torchrun --nnodes)")
     train.add_argument("--node-rank", type=int, default=0, help="this node's rank (static rendezvous)")
     train.add_argument(

@@ -118,6 +118,11 @@ class RunOverrides(_Form):
     epochs: Annotated[int, Field(ge=0, le=1000)] = Field(
         0, description="Upper bound on training epochs for this run (0: the spec's)."
     )
+    processes: Annotated[int, Field(ge=0, le=4096)] = Field(
+        0,
+        description="Training processes for this run, one per GPU (torchrun DDP); 0: the spec's, by default "
+        "one per visible GPU for the scratch route.",
+    )
 
     def is_empty(self) -> bool:
         return self == RunOverrides()
@@ -128,6 +133,8 @@ class RunOverrides(_Form):
             training["budget_minutes"] = self.budget_minutes
         if self.epochs:
             training["epochs"] = self.epochs
+        if self.processes:
+            training["processes"] = self.processes
         update: dict = {"training": spec.training.model_copy(update=training)} if training else {}
         if self.route != "as in the spec":
             update["route"] = self.route

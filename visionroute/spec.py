@@ -82,6 +82,8 @@ class TrainingSpec(_Strict):
     checkpoint: Path | None = None
     """Explicit pretrained weights (a .pth/.pt state dict or a models:/ URI); relative to the spec file."""
     seed: int = 0
+    processes: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = "auto"
+    """Training processes (torchrun DDP, one per GPU). auto: one per visible GPU for the scratch route, else 1."""
 
 
 class VisionApiSpec(_Strict):

@@ -15,6 +15,24 @@ import torch
 import torch.distributed as dist
 
 
+def processes_for(route: str, requested: int | str, gpus: int) -> int:
+    """Training processes for a run: `auto` gives the scratch route one per visible GPU (large data, long
+    training: it pays) and everything else one; a number is taken as it is, up to one per GPU on a GPU
+    machine (several CPU processes share the cores through gloo: for tests and trials)."""
+    if requested == "auto":
+        return max(1, gpus) if route == "scratch" else 1
+    if gpus and int(requested) > gpus:
+        raise ValueError(
+            f"training.processes is {requested} but {gpus} GPU(s) are visible; set it to {gpus} or auto"
+        )
+    return int(requested)
+
+
+def under_torchrun() -> bool:
+    """This process is one of torchrun's ranks (it must not start torchrun again)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 

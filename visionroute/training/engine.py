@@ -607,11 +607,12 @@ def train(
         }
         result.history.append(record)
         improved = selection.update(epoch, val_accuracy, val_loss, model)
-        print(
-            f"epoch {epoch}/{plan['epochs']}  loss {stats.loss:.4f}  val_acc {val_accuracy:.4f}  "
-            f"val_loss {val_loss:.4f}  {record['seconds']:.1f}s" + ("  *best" if improved else ""),
-            flush=True,
-        )
+        if distributed.is_main():  # one line per epoch, not one per rank
+            print(
+                f"epoch {epoch}/{plan['epochs']}  loss {stats.loss:.4f}  val_acc {val_accuracy:.4f}  "
+                f"val_loss {val_loss:.4f}  {record['seconds']:.1f}s" + ("  *best" if improved else ""),
+                flush=True,
+            )
         if selection.stale >= config.patience:
             result.stopped = "early_stopping"
         elif epoch < plan["epochs"] and (budget.out_of_time() or budget.epochs_that_fit() == 0):

@@ -1,22 +1,183 @@
-"""What each process runs under `visionroute train SPEC --nproc-per-node N` (torchrun's entry point).
+"""Training on several processes under torchrun (DDP: NCCL on GPUs, gloo on CPUs).
 
-Rank 0 runs the ordinary route flow (plan, MLflow parent run, the training backend, registration); the other
-ranks plan the same task (the same validation and seeded split) and train alongside it without tracking.
-Usage (through torchrun): python -m visionroute.training.launch SPEC [--prices FILE]
+From the route flow: the flow plans once, then `train_under_torchrun` writes what it planned (spec, decision,
+dataset, the parent MLflow run) to the run's folder and starts
+
+    torchrun --nproc-per-node N -m visionroute.training.launch --context FILE
+
+In every rank the training backend runs with that context: rank 0 trains, tracks, checkpoints and registers;
+the others train alongside it. Rank 0 reports each epoch to `progress.jsonl` and its result to `result.json`,
+which the flow reads back (its progress bar, its result table). Each rank watches the flow's process and ends
+if it dies, so a killed flow leaves no training behind (`visionroute repair` then closes its runs).
+
+On the other nodes of a multi-node run, `visionroute train SPEC --node-rank K` starts the ranks with the spec
+instead of a context: they plan the same task themselves (the same validation, the same seeded split).
+torchrun's own settings (nnodes, node rank, rendezvous) reach it as its PET_* environment variables.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import pickle
+import subprocess
 import sys
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, replace
+from pathlib import Path
 
 from visionroute.training import distributed
 
+PARENT_PID = "VISIONROUTE_PARENT_PID"
 
-def follow(spec_path: str, prices_path: str | None) -> None:
-    """A rank other than 0: the same plan, the same backend, no tracking."""
-    from pathlib import Path
 
+class TrainingProcessesFailed(RuntimeError):
+    """The torchrun processes ended with an error; the message is rank 0's error or the output's last lines."""
+
+
+def torchrun_command(processes: int, *target: str) -> list[str]:
+    """torchrun on this node; single-node (--standalone) unless a rendezvous endpoint was configured."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}"]
+    if not os.environ.get("PET_RDZV_ENDPOINT"):
+        command.append("--standalone")
+    return [*command, "-m", "visionroute.training.launch", *target]
+
+
+def train_under_torchrun(context, route: str, processes: int, backend_config: dict | None = None):
+    """Run the training backend for `context` in `processes` ranks; rank 0's BackendResult comes back."""
+    from visionroute.backends.base import BackendResult
+
+    folder = Path(context.work_dir) / "torchrun"
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in ("progress.jsonl", "result.json", "error.json"):
+        (folder / stale).unlink(missing_ok=True)
+    with (folder / "context.pkl").open("wb") as out:
+        pickle.dump(
+            {"route": route, "backend": backend_config or {}, "context": replace(context, on_progress=None)},
+            out,
+        )
+    env = {**os.environ, PARENT_PID: str(os.getpid())}
+    print(f"training {route} in {processes} processes (torchrun, DDP)", flush=True)
+    proc = subprocess.Popen(
+        torchrun_command(processes, "--context", str(folder / "context.pkl")),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # torchrun and its ranks are stopped as one group if this process is
+    )
+    tail: deque[str] = deque(maxlen=40)
+    reader = threading.Thread(target=_forward, args=(proc.stdout, tail), daemon=True)
+    reader.start()
+    seen = 0
+    try:
+        while proc.poll() is None:
+            seen = _report_progress(folder / "progress.jsonl", seen, context.on_progress)
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:  # this process is being stopped (Ctrl-C, a cancelled flow run)
+            os.killpg(proc.pid, 15)
+            proc.wait()
+    reader.join(timeout=5)
+    _report_progress(folder / "progress.jsonl", seen, context.on_progress)
+    if proc.returncode != 0:
+        raise _failure(folder / "error.json", processes, proc.returncode, tail)
+    return BackendResult(**json.loads((folder / "result.json").read_text()))
+
+
+def _forward(stream, tail: deque) -> None:
+    """The ranks' output into this process's (the flow's log), the last lines kept for an error message."""
+    for line in stream:
+        tail.append(line.rstrip())
+        print(line, end="", flush=True)
+
+
+def _report_progress(path: Path, seen: int, on_progress) -> int:
+    if not path.exists():
+        return seen
+    text = path.read_text()
+    complete = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]  # a partial line waits
+    for line in complete[seen:]:
+        if on_progress:
+            on_progress(json.loads(line))
+    return max(seen, len(complete))
+
+
+def _failure(error_file: Path, processes: int, code: int, tail: deque) -> Exception:
+    """Rank 0's own error again (an expected one keeps its class, so the CLI prints its one line)."""
+    if error_file.exists():
+        error = json.loads(error_file.read_text())
+        expected = _expected_error(error["module"], error["type"])
+        if expected is not None:
+            return expected(error["message"])
+        return TrainingProcessesFailed(f"rank 0 of {processes} failed: {error['type']}: {error['message']}")
+    return TrainingProcessesFailed(
+        f"torchrun with {processes} processes exited with code {code}; its last output:\n" + "\n".join(tail)
+    )
+
+
+def _expected_error(module: str, name: str):
+    from visionroute.cli import EXPECTED_ERRORS
+
+    if name in EXPECTED_ERRORS.get(module, ((), 0))[0]:
+        __import__(module)
+        return getattr(sys.modules[module], name)
+    return None
+
+
+def _watch_parent() -> None:
+    """End this rank when the process that started torchrun is gone (killed): no orphaned training."""
+    pid = int(os.environ[PARENT_PID])
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(70)
+            except PermissionError:
+                pass
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def lead_or_follow(context_file: Path) -> None:
+    """A rank started from the flow: the planned context; rank 0 reports progress, result and error."""
+    from visionroute.backends import create_backend
+
+    folder = context_file.parent
+    with context_file.open("rb") as source:
+        payload = pickle.load(source)
+    context = payload["context"]
+    backend = create_backend(payload["route"], **payload["backend"])
+    if not distributed.is_main():
+        backend.run(context)
+        return
+
+    def on_progress(record: dict) -> None:
+        with (folder / "progress.jsonl").open("a") as out:
+            out.write(json.dumps(record, default=str) + "\n")
+
+    try:
+        outcome = backend.run(replace(context, on_progress=on_progress))
+    except Exception as error:
+        (folder / "error.json").write_text(
+            json.dumps(
+                {"module": type(error).__module__, "type": type(error).__name__, "message": str(error)}
+            )
+        )
+        raise
+    staging = folder / "result.json.tmp"
+    staging.write_text(json.dumps(asdict(outcome), default=str))
+    os.replace(staging, folder / "result.json")
+
+
+def follow_spec(spec_path: str, prices_path: str | None) -> None:
+    """A rank on another node: the same plan as node 0's flow made, the same backend, no tracking."""
     from visionroute.backends import create_backend
     from visionroute.backends.base import BackendContext, BackendUnavailable
     from visionroute.planning import plan
@@ -28,21 +189,25 @@ def follow(spec_path: str, prices_path: str | None) -> None:
     context = BackendContext(
         planned.spec, planned.decision, planned.dataset, None, Path("."), None, prices_path
     )
+    if distributed.is_main():
+        raise BackendUnavailable("rank 0 runs on node 0 (--node-rank 0), where the flow runs; start it there")
     create_backend(route).run(context)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="visionroute.training.launch")
-    parser.add_argument("spec")
+    parser.add_argument("spec", nargs="?", help="another node's ranks: the task spec they plan themselves")
+    parser.add_argument("--context", type=Path, help="ranks started by the flow: the context it planned")
     parser.add_argument("--prices")
     args = parser.parse_args(argv)
+    if PARENT_PID in os.environ:
+        _watch_parent()
     distributed.setup()
     try:
-        if distributed.is_main():
-            from visionroute.cli import main as cli
-
-            return cli(["run", args.spec] + (["--prices", args.prices] if args.prices else []))
-        follow(args.spec, args.prices)
+        if args.context:
+            lead_or_follow(args.context)
+        else:
+            follow_spec(args.spec, args.prices)
         return 0
     finally:
         distributed.teardown()

@@ -87,6 +87,7 @@ def run_training_route(
                 "channels": prep.channels,
                 "optimizer": config.optimizer,
                 "classes": classes,
+                "processes": distributed.world_size(),
             },
         )
         tracking.log_json(client, run_id, dataset.split_manifest(), "data/split.json")
