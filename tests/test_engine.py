@@ -310,3 +310,22 @@ def test_scratch_trains_in_one_process_per_gpu_unless_the_spec_says_otherwise():
     assert processes_for("finetune", 2, gpus=0) == 2  # CPU ranks share the cores through gloo (tests, trials)
     with pytest.raises(ValueError, match="training.processes is 8 but 4 GPU"):
         processes_for("scratch", 8, gpus=4)
+
+
+def test_weight_average_follows_the_weights_over_its_time_constant_in_epochs():
+    from visionroute.training.engine import WeightAverage
+
+    model = torch.nn.Linear(4, 2)
+    average = WeightAverage(model, epochs=1.0, steps_per_epoch=100)
+    assert average.decay == pytest.approx(0.99)  # one epoch of 100 steps
+    start = average.model.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    for _ in range(10):  # early steps: the random start fades out quickly
+        average.update()
+    moved = (average.model.weight - start).mean().item()
+    assert 0.5 < moved < 1.0
+    for _ in range(2000):
+        average.update()
+    assert torch.allclose(average.model.weight, model.weight, atol=1e-4)
+    assert not any(p.requires_grad for p in average.model.parameters())  # never trained itself
