@@ -86,6 +86,38 @@ def test_cache_is_built_once_and_reused_and_keyed_by_content(tmp_path):
     assert not list(tmp_path.glob("*.tmp-*")), "no staging folder is left behind"
 
 
+def test_the_cache_keeps_to_its_size_least_recently_used_first_and_clears_killed_builds(
+    tmp_path, monkeypatch
+):
+    import os
+    import time
+
+    from visionroute.training.cache import cache_entries
+
+    dataset = own_dataset(tmp_path)
+    root = tmp_path / "decoded"
+    model_a, model_b = build_model(MODEL, 2), build_model("resnet18_small", 2, input_size=32)
+    prep_a = Preprocessing.for_model(model_a, MODEL, dataset.classes)
+    prep_b = Preprocessing.for_model(model_b, "resnet18_small", dataset.classes, 3, 32)
+    first = decode_to_cache(dataset, prep_a, root, progress=False)
+    os.utime(first.folder / "meta.json", (time.time() - 3600, time.time() - 3600))  # used an hour ago
+    # A build killed mid-way left its staging folder (a pid that no longer runs); a live one's stays.
+    dead = root / "0123abcd.tmp-999999999"
+    live = root / f"4567ef01.tmp-{os.getpid()}"
+    dead.mkdir()
+    live.mkdir()
+    # Less room than the first entry takes: using a second evicts the least recently used, never the one in use.
+    room = sum(path.stat().st_size for path in first.folder.iterdir()) / 2
+    monkeypatch.setenv("VISIONROUTE_CACHE_MAX_GB", str(room / 1024**3))
+    second = decode_to_cache(dataset, prep_b, root, progress=False)
+    assert [entry.folder for entry in cache_entries(root)] == [second.folder]
+    assert not first.folder.exists() and not dead.exists() and live.exists()
+    assert second.train.x.shape[0] == len(dataset.split("train"))  # what is in use stays readable
+    monkeypatch.setenv("VISIONROUTE_CACHE_MAX_GB", "lots")
+    with pytest.raises(ValueError, match="VISIONROUTE_CACHE_MAX_GB='lots' is not a number"):
+        decode_to_cache(dataset, prep_a, root, progress=False)
+
+
 def test_a_file_that_fails_to_decode_is_listed_and_left_out(tmp_path):
     dataset = own_dataset(tmp_path)
     path = Path(dataset.split("train")[1].ref)

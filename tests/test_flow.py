@@ -215,6 +215,8 @@ training: {epochs: 2, budget_minutes: 2}
     assert "test_auc" in child.data.metrics and "decision_threshold" in child.data.metrics
     assert child.data.tags["visionroute.decoded_cache"].startswith("built")
     assert str(client.get_model_version_by_alias("radar-returns", "champion").version) == "1"
+    # Registered: the crash-recovery checkpoints are gone, so a later run of the task trains afresh.
+    assert not list((tracking.state_dir() / "checkpoints" / "radar-returns").glob("*/last.pt"))
     prep = load_preprocessing("models:/radar-returns@champion")
     assert (prep.channels, prep.input_size, prep.classes) == (1, 28, ["clutter", "target"])
 

@@ -134,3 +134,22 @@ def test_api_cost_counts_the_free_tier():
 def test_backends_command_lists_the_registry(capsys):
     assert main(["backends"]) == 0
     assert capsys.readouterr().out.split() == ["finetune", "scratch", "vision_api"]
+
+
+def test_cache_lists_the_decoded_entries_and_prunes_to_a_size(isolated_state, tiny_dataset, capsys):
+    from visionroute.data.dataset import assign_splits, scan_dataset
+    from visionroute.training.cache import decode_to_cache
+    from visionroute.training.engine import build_model
+    from visionroute.training.preprocessing import Preprocessing
+
+    dataset = assign_splits(scan_dataset(tiny_dataset), seed=0)
+    prep = Preprocessing.for_model(
+        build_model("resnet18_small", 2, input_size=32), "resnet18_small", dataset.classes, 3, 32
+    )
+    decoded = decode_to_cache(dataset, prep, isolated_state / "cache" / "decoded", progress=False)
+    assert main(["cache"]) == 0
+    listed = capsys.readouterr()
+    assert decoded.folder.name in listed.out and f"{len(dataset.samples):,} images" in listed.out
+    assert "1 entries" in listed.err
+    assert main(["cache", "--max-gb", "0"]) == 0
+    assert f"removed {decoded.folder.name}" in capsys.readouterr().out and not decoded.folder.exists()

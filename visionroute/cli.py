@@ -255,6 +255,28 @@ def _repair(args) -> int:
     return 0
 
 
+def _cache(args) -> int:
+    """The decoded-image cache: its entries, least recently used first; --max-gb prunes to that size."""
+    import time
+
+    from visionroute import tracking
+    from visionroute.training.cache import cache_entries, prune
+
+    root = tracking.state_dir() / "cache" / "decoded"
+    if args.max_gb is not None:
+        for entry in prune(root, args.max_gb * 1024**3):
+            print(f"removed {entry.folder.name}  {entry.bytes / 1024**2:,.0f} MB")
+    entries = cache_entries(root) if root.exists() else []
+    for entry in entries:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used))
+        print(
+            f"{entry.folder.name}  {entry.bytes / 1024**2:>10,.0f} MB  {entry.images:>9,} images  last used {used}"
+        )
+    total = sum(entry.bytes for entry in entries)
+    print(f"{len(entries)} entries, {total / 1024**3:.2f} GB in {root}", file=sys.stderr)
+    return 0
+
+
 def _backends(args) -> int:
     from visionroute.backends import list_backends
 
@@ -371,6 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     repair.add_argument("task", nargs="*", help="task names (default: every task in the store)")
     repair.set_defaults(handler=_repair)
+
+    cache = commands.add_parser(
+        "cache",
+        help="list the decoded-image cache (runs keep it within VISIONROUTE_CACHE_MAX_GB, default 50)",
+    )
+    cache.add_argument(
+        "--max-gb", type=float, help="first delete the least recently used entries beyond this"
+    )
+    cache.set_defaults(handler=_cache)
 
     backends = commands.add_parser("backends", help="list the registered route backends")
     backends.set_defaults(handler=_backends)

@@ -7,6 +7,11 @@ file's path, size and modification time; an .npz's bytes), the split assignment 
 data and model shape reuse it, anything else builds a new one. It is built in worker processes (decoding holds
 the GIL for the per-file Python work), written to a temporary folder and renamed into place, so a crash never
 leaves a half-written cache that a later run would trust.
+
+The cache folder is kept to a size (VISIONROUTE_CACHE_MAX_GB, default 50): after each use the least recently
+used entries beyond it are deleted, never the one in use (a run that still maps a deleted entry keeps reading it:
+Linux frees the files when they are unmapped). Staging folders left by killed builds are deleted too.
+`visionroute cache` lists the entries; `visionroute cache --max-gb N` prunes to N.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from tqdm import tqdm
 from visionroute.data.dataset import SPLITS, ImageDataset, Sample
 from visionroute.data.images import ImageRejected
 from visionroute.training.preprocessing import Preprocessing
+
+DEFAULT_MAX_GB = 50.0
 
 CACHE_VERSION = 1
 """Bump when the stored format or `to_stored` changes: old caches are then never read."""
@@ -92,9 +99,12 @@ def decode_to_cache(
     """
     started = time.perf_counter()
     folder = root / cache_key(dataset, prep) if root else None
+    if root is not None:
+        remove_stale_staging(root)
     if folder and (folder / "meta.json").exists():
         data = _open(folder, prep)
         data.reused, data.build_seconds = True, time.perf_counter() - started
+        _used(folder)
         return data
     if folder is None:
         data = _build_in_memory(dataset, prep, workers, progress)
@@ -112,8 +122,87 @@ def decode_to_cache(
             shutil.rmtree(staging, ignore_errors=True)
             raise
         data = _open(folder, prep)
+        _used(folder)
     data.build_seconds = time.perf_counter() - started
     return data
+
+
+@dataclass
+class CacheEntry:
+    folder: Path
+    bytes: int
+    last_used: float
+    """Seconds since the epoch: the last run that built or reused it."""
+    images: int
+
+
+def cache_entries(root: Path) -> list[CacheEntry]:
+    """The finished entries under `root`, least recently used first."""
+    entries = []
+    for folder in root.glob("*/meta.json"):
+        folder = folder.parent
+        if ".tmp-" in folder.name:
+            continue
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            size = sum(path.stat().st_size for path in folder.iterdir())
+            used = (folder / "meta.json").stat().st_mtime
+        except (OSError, ValueError):  # removed meanwhile by another process's prune
+            continue
+        images = sum(len(split["refs"]) for split in meta["splits"].values())
+        entries.append(CacheEntry(folder, size, used, images))
+    return sorted(entries, key=lambda entry: entry.last_used)
+
+
+def prune(root: Path, max_bytes: float, keep: Path | None = None) -> list[CacheEntry]:
+    """Delete least recently used entries until the rest fit in `max_bytes`; `keep` (in use) stays."""
+    entries = cache_entries(root)
+    total = sum(entry.bytes for entry in entries)
+    removed = []
+    for entry in entries:
+        if total <= max_bytes:
+            break
+        if keep is not None and entry.folder == keep:
+            continue
+        shutil.rmtree(entry.folder, ignore_errors=True)
+        total -= entry.bytes
+        removed.append(entry)
+    return removed
+
+
+def max_cache_bytes() -> float:
+    value = os.environ.get("VISIONROUTE_CACHE_MAX_GB", str(DEFAULT_MAX_GB))
+    try:
+        gigabytes = float(value)
+    except ValueError:
+        raise ValueError(
+            f"VISIONROUTE_CACHE_MAX_GB={value!r} is not a number of gigabytes, e.g. 50"
+        ) from None
+    return gigabytes * 1024**3
+
+
+def remove_stale_staging(root: Path) -> None:
+    """Staging folders whose building process is gone (killed mid-build): never renamed into place, never read."""
+    for staging in root.glob("*.tmp-*"):
+        pid = staging.name.rsplit(".tmp-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _used(folder: Path) -> None:
+    """Mark the entry as used now, then keep the cache within its size."""
+    os.utime(folder / "meta.json")
+    prune(folder.parent, max_cache_bytes(), keep=folder)
 
 
 def _open(folder: Path, prep: Preprocessing) -> DecodedData:
