@@ -1,6 +1,7 @@
 """Scratch against fine-tune on PneumoniaMNIST, same budget, official test split.
 
-    python bench/scratch.py PATH/pneumoniamnist.npz [--budget 110] [--routes scratch,finetune] [--out f.json]
+    python bench/scratch.py PATH/pneumoniamnist.npz [--budget 110] [--routes scratch,finetune] [--seeds 0,1,2]
+                            [--out f.json]
 
 scratch: the small-input CNN (resnet18_small) at native 28 px, one channel, the scratch recipe (class-weighted
 loss above 3:1 imbalance, decision threshold chosen on validation). finetune: tf_efficientnet_lite0 with its
@@ -63,7 +64,12 @@ def run(route: str, npz: Path, budget: float, seed: int, scale_min: float | None
         "balanced_accuracy": round(test["balanced_accuracy"], 4),
         "threshold": round(result.preprocessing.threshold, 4),
         "class_weights": result.class_weights,
+        "seed": seed,
         "epochs": len(result.history),
+        "val_curve": [
+            {k: round(v, 4) for k, v in h.items() if k in ("epoch", "val_accuracy", "val_auc")}
+            for h in result.history
+        ],
         "best_epoch": result.best_epoch,
         "stopped": result.stopped,
         "train_images_per_s": round(result.train_images_per_s, 1),
@@ -77,7 +83,7 @@ def main() -> None:
     parser.add_argument("npz", type=Path)
     parser.add_argument("--budget", type=float, default=110.0, help="seconds per route, preparation included")
     parser.add_argument("--routes", default="scratch,finetune")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="one run per seed (split, initialisation, augmentation)")
     parser.add_argument(
         "--scratch-scales", default="", help="also run scratch with these smallest crop areas, e.g. 0.6,0.9"
     )
@@ -93,8 +99,9 @@ def main() -> None:
     }
     plan = [(route, None) for route in args.routes.split(",")]
     plan += [("scratch", float(scale)) for scale in args.scratch_scales.split(",") if scale]
-    for route, scale in plan:
-        figures["runs"].append(run(route, args.npz, args.budget, args.seed, scale))
+    for seed in (int(seed) for seed in args.seeds.split(",")):
+        for route, scale in plan:
+            figures["runs"].append(run(route, args.npz, args.budget, seed, scale))
         print(json.dumps(figures["runs"][-1]), flush=True)
     print(json.dumps(figures, indent=2))
     if args.out:

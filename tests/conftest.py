@@ -136,6 +136,23 @@ def grey_npz(path, count=60, side=28, seed=0):
     return path
 
 
+SCRATCH_SPEC = """
+name: {name}
+task: classify
+data: {{path: ./returns.npz}}
+domain: radar
+route: scratch
+constraints: {{external_api_allowed: false}}
+training: {{epochs: {epochs}, budget_minutes: 5}}
+"""
+
+
+def scratch_task(root: Path, name: str, epochs: int, count: int) -> Path:
+    """A far-domain task over grey 28 px images (official splits, count // 3 test images): trains in seconds."""
+    grey_npz(root / "returns.npz", count=count)
+    return write_spec(root / f"{name}.yaml", SCRATCH_SPEC.format(name=name, epochs=epochs))
+
+
 @pytest.fixture
 def tiny_dataset(tmp_path) -> Path:
     return make_dataset(tmp_path / "data", per_class=12)

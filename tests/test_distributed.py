@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, grey_npz, write_spec
+from conftest import REPO, grey_npz, scratch_task
 
 pytestmark = pytest.mark.slow
 
@@ -73,23 +73,6 @@ def cli_env(tmp_path) -> tuple:
     return state, env
 
 
-def radar_spec(tmp_path, name: str, epochs: int, count: int):
-    """A forced-scratch, far-domain task over a grey 28 px .npz."""
-    grey_npz(tmp_path / "returns.npz", count=count)
-    return write_spec(
-        tmp_path / "radar.yaml",
-        f"""
-name: {name}
-task: classify
-data: {{path: ./returns.npz}}
-domain: radar
-route: scratch
-constraints: {{external_api_allowed: false}}
-training: {{epochs: {epochs}, budget_minutes: 5}}
-""",
-    )
-
-
 def result(output: str) -> dict:
     return json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
 
@@ -143,7 +126,7 @@ def test_visionroute_train_runs_the_flow_with_ddp_ranks_and_rank_0_registers(tmp
     ranks too; the next run repairs what it left and resumes from its checkpoint."""
     from mlflow.tracking import MlflowClient
 
-    spec = radar_spec(tmp_path, "radar-ddp", epochs=4, count=48)
+    spec = scratch_task(tmp_path, "radar-ddp", epochs=4, count=48)
     state, env = cli_env(tmp_path)
     command = [sys.executable, "-m", "visionroute.cli", "train", str(spec), "--nproc-per-node", "2"]
     victim = subprocess.Popen(

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, grey_npz, make_image, write_spec
+from conftest import REPO, make_image, scratch_task, write_spec
 from mlflow.tracking import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 from visionroute.flows.route import route_image_task
@@ -303,23 +303,6 @@ def test_a_half_registered_version_is_refused_by_predict(tmp_path, capsys):
     image = make_image(tmp_path / "x.jpg", (200, 40, 40), 1)
     assert main(["predict", "--model", f"models:/half-task/{version}", str(image)]) == 2
     assert "is half-registered (visionroute.state=registering" in capsys.readouterr().err
-
-
-SCRATCH_SPEC = """
-name: {name}
-task: classify
-data: {{path: ./returns.npz}}
-domain: radar
-route: scratch
-constraints: {{external_api_allowed: false}}
-training: {{epochs: {epochs}, budget_minutes: 5}}
-"""
-
-
-def scratch_task(root: Path, name: str, epochs: int, count: int) -> Path:
-    """A far-domain task over grey 28 px images (official splits, count // 3 test images): trains in seconds."""
-    grey_npz(root / "returns.npz", count=count)
-    return write_spec(root / f"{name}.yaml", SCRATCH_SPEC.format(name=name, epochs=epochs))
 
 
 def wait_for(predicate, timeout: float, every: float = 0.5):

@@ -133,6 +133,9 @@ class TrainResult:
 STOPS = ("max_epochs", "early_stopping", "budget")
 """Why training ended (TrainResult.stopped)."""
 
+TRAIN_STEP_FORWARDS = 3.0
+"""A training step costs about three forward passes (forward, backward through activations and weights)."""
+
 AUC_TOLERANCE = 0.002
 """Validation AUCs closer than this are a tie, which the lower validation loss breaks."""
 
@@ -542,9 +545,11 @@ def train(
     # A model whose threshold is chosen on validation is judged by what the threshold is chosen from: AUC.
     select_on_auc = config.choose_threshold and num_classes == 2
     selection = ModelSelection(len(data.val), tolerance=AUC_TOLERANCE if select_on_auc else None)
+    eval_seconds_per_image = 0.0  # known from the probe's forward passes, else after the first epoch
     if config.pretrained and config.linear_probe and resumed is None:
         train_f = predict_logits(model, data.train.x, prep, device, features=True)
         val_f = predict_logits(model, data.val.x, prep, device, features=True)
+        eval_seconds_per_image = (time.perf_counter() - started) / max(1, len(data.train) + len(data.val))
         probe = fit_linear_probe(
             train_f, torch.from_numpy(data.train.y), val_f, torch.from_numpy(data.val.y), num_classes
         )
@@ -571,15 +576,22 @@ def train(
     average = WeightAverage(model, config.average_epochs, steps_per_epoch) if config.average_epochs else None
     judged = average.model if average else model  # the weights validated, selected and registered
 
-    # The cosine schedule is planned for max_epochs, then re-planned after each epoch from its measured
+    # The cosine schedule is planned for the epochs that fit, then re-planned after each epoch from its measured
     # time, so that it ends when the budget does instead of being cut off mid-decay.
+    budget = BudgetPlanner(config.budget_seconds, started)
     plan = {"epochs": config.max_epochs}
-    warmup_steps = min(config.max_epochs * steps_per_epoch // 2, int(config.warmup_epochs * steps_per_epoch))
+    if eval_seconds_per_image:
+        # A first plan from the probe's forward passes (a training step costs about 3), and room in the first
+        # epoch for validation and the test pass: a 60 s fine-tune on 2 cores had planned 8 epochs, spent all
+        # of its one epoch warming up and stopped at the peak learning rate (held out 0.954).
+        budget.test_reserve = eval_seconds_per_image * (len(data.val) + len(data.test))
+        first_epoch = eval_seconds_per_image * (TRAIN_STEP_FORWARDS * len(data.train) + len(data.val))
+        plan["epochs"] = max(1, min(config.max_epochs, int(budget.remaining() // first_epoch)))
+    plan["warmup"] = min(plan["epochs"] * steps_per_epoch // 2, int(config.warmup_epochs * steps_per_epoch))
 
     def schedule(step: int) -> float:
-        return lr_factor(step, warmup_steps, plan["epochs"] * steps_per_epoch)
+        return lr_factor(step, plan["warmup"], plan["epochs"] * steps_per_epoch)
 
-    budget = BudgetPlanner(config.budget_seconds, started)
     epoch, step = 0, 0
     if resumed is not None:
         _plain(model).load_state_dict(resumed["model"])
@@ -591,6 +603,7 @@ def train(
         if average is not None and resumed.get("average"):
             average.load(resumed["average"])
         epoch, step, plan["epochs"] = resumed["epoch"], resumed["step"], resumed["planned_epochs"]
+        plan["warmup"] = resumed["warmup_steps"]
         result.history, result.probe = resumed["history"], resumed["probe"]
         result.resumed_from_epoch = epoch
         budget.epoch_seconds = resumed["epoch_seconds"]
@@ -623,9 +636,7 @@ def train(
             loss_weights,
             WARMUP_STEPS[device.type] if epoch == result.resumed_from_epoch + 1 else 0,
             # Under DDP the budget is checked between epochs only: a per-step agreement would stall every step.
-            math.inf
-            if world > 1
-            else started + config.budget_seconds - (budget.test_reserve if epoch > 1 else 0.0),
+            math.inf if world > 1 else started + config.budget_seconds - budget.test_reserve,
             f"epoch {epoch}/{plan['epochs']}",
             average,
         )
@@ -672,10 +683,12 @@ def train(
             )
         if selection.stale >= config.patience:
             result.stopped = "early_stopping"
-        elif epoch < plan["epochs"] and (budget.out_of_time() or budget.epochs_that_fit() == 0):
+        elif epoch < config.max_epochs and (budget.out_of_time() or budget.epochs_that_fit() == 0):
             result.stopped = "budget"
-        elif epoch + budget.epochs_that_fit() < plan["epochs"]:
-            plan["epochs"] = epoch + budget.epochs_that_fit()
+        elif epoch == 1 or epoch + budget.epochs_that_fit() < plan["epochs"]:
+            # Shorter when epochs are slower than planned; after the first, measured epoch also longer (up to
+            # max_epochs) when the estimate was too cautious. Never longer later: the decay is under way.
+            plan["epochs"] = min(config.max_epochs, epoch + budget.epochs_that_fit())
         # Every rank follows rank 0's decision, so none waits in a collective the others have left.
         code, plan["epochs"] = distributed.broadcast_ints(
             [STOPS.index(result.stopped), plan["epochs"]], device
@@ -695,6 +708,7 @@ def train(
                     "epoch": epoch,
                     "step": step,
                     "planned_epochs": plan["epochs"] if result.stopped == "max_epochs" else epoch,
+                    "warmup_steps": plan["warmup"],
                     "history": result.history,
                     "probe": result.probe,
                     "epoch_seconds": budget.epoch_seconds,
