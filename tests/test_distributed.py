@@ -1,19 +1,17 @@
-"""Data-parallel training under torchrun on CPU (gloo): N processes step as one process with the global batch."""
+"""Data-parallel training under torchrun on CPU (gloo): N processes step as one process with the global batch.
+The flow's torchrun path (`visionroute train`, kill -9, resume) is tested in test_reliability.py."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, grey_npz, scratch_task
+from conftest import REPO, grey_npz
 
 pytestmark = pytest.mark.slow
 
@@ -104,65 +102,3 @@ def test_two_processes_follow_the_loss_curve_of_one_with_the_same_global_batch(t
     assert len(one["losses"]) == len(two["losses"]) == 4
     np.testing.assert_allclose(two["losses"], one["losses"], atol=TOLERANCE)
     assert one["losses"][-1] < one["losses"][0]  # it learned: the comparison is between curves that move
-
-
-def torchrun_processes(state) -> list[int]:
-    """Pids of torchrun and its ranks started for this test's state folder."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            command = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
-            environ = (entry / "environ").read_bytes() if b"visionroute.training.launch" in command else b""
-        except OSError:
-            continue
-        if f"VISIONROUTE_STATE={state}".encode() in environ:
-            pids.append(int(entry.name))
-    return pids
-
-
-def test_visionroute_train_runs_the_flow_with_ddp_ranks_and_rank_0_registers(tmp_path):
-    """The flow plans once in its own process and starts torchrun for the training backend; rank 0 reports each
-    epoch back to the flow's progress bar and its result to the flow. Killing the flow's process ends the
-    ranks too; the next run repairs what it left and resumes from its checkpoint."""
-    from mlflow.tracking import MlflowClient
-
-    spec = scratch_task(tmp_path, "radar-ddp", epochs=4, count=48)
-    state, env = cli_env(tmp_path)
-    command = [sys.executable, "-m", "visionroute.cli", "train", str(spec), "--nproc-per-node", "2"]
-    victim = subprocess.Popen(
-        command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 600
-    while not list(state.glob("runs/*/torchrun/progress.jsonl")):
-        assert victim.poll() is None and time.monotonic() < deadline, "the run ended before its first epoch"
-        time.sleep(0.1)
-    assert len(torchrun_processes(state)) == 3  # torchrun and its two ranks
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
-    deadline = time.monotonic() + 30
-    while torchrun_processes(state):  # each rank watches the flow's process and ends when it is gone
-        assert time.monotonic() < deadline, "torchrun ranks outlived the killed flow"
-        time.sleep(0.2)
-
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200, cwd=tmp_path)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-5000:]
-    assert "training scratch in 2 processes (torchrun, DDP)" in output
-    assert "resumed from epoch" in output
-    uri = f"sqlite:///{state / 'mlflow.db'}"
-    client = MlflowClient(uri, registry_uri=uri)  # not a registry URI an earlier test set globally
-    # 16 test images, under the minimum a champion is chosen on: every new version is challenger.
-    version = client.get_model_version_by_alias("radar-ddp", "challenger")
-    assert str(version.version) == "1"  # registered once, by rank 0 alone
-    assert len(client.search_model_versions("name='radar-ddp'")) == 1
-    runs = client.search_runs([client.get_experiment_by_name("radar-ddp").experiment_id])
-    # The killed run's parent and training runs were closed by the repair; this run's two finished.
-    assert sorted(run.info.status for run in runs) == ["FINISHED", "FINISHED", "KILLED", "KILLED"]
-    finished = [run for run in runs if run.info.status == "FINISHED"]
-    training = next(run for run in finished if "model" in run.data.params)
-    assert training.data.params["processes"] == "2"
-    assert int(training.data.tags["visionroute.resumed_from_epoch"]) >= 1
-    parent = next(run for run in finished if run.info.run_id != training.info.run_id)
-    progress = (state / "runs" / parent.info.run_id / "torchrun" / "progress.jsonl").read_text().splitlines()
-    epochs = [json.loads(line)["epoch"] for line in progress]
-    assert epochs == list(range(epochs[0], 5)) and epochs[0] >= 2  # from the epoch after the resumed one

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -315,14 +316,32 @@ def wait_for(predicate, timeout: float, every: float = 0.5):
     return None
 
 
+def torchrun_processes(state: Path) -> list[int]:
+    """Pids of torchrun and its ranks started for this state folder."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
+            environ = (entry / "environ").read_bytes() if b"visionroute.training.launch" in command else b""
+        except OSError:
+            continue
+        if f"VISIONROUTE_STATE={state}".encode() in environ:
+            pids.append(int(entry.name))
+    return pids
+
+
 @pytest.mark.slow
-def test_kill_9_mid_training_then_rerun_resumes_and_leaves_nothing_half_done(tmp_path, isolated_state):
-    spec = scratch_task(tmp_path, "killed-mid-training", epochs=5, count=64)
-    env = own_env(tmp_path)
+def test_kill_9_mid_ddp_training_then_rerun_resumes_and_leaves_nothing_half_done(tmp_path, isolated_state):
+    """`visionroute train --nproc-per-node 2`: the flow plans in its own process and starts torchrun (2 gloo ranks)
+    for the training backend. Killing the flow ends the ranks and its Prefect server; the next run repairs what
+    it left, resumes from the checkpoint, reports progress and registers once."""
+    spec = scratch_task(tmp_path, "killed-mid-training", epochs=4, count=48)
+    env = own_env(tmp_path) | {"OMP_NUM_THREADS": "1", "VISIONROUTE_NO_BAR": "1"}
+    train = ["train", str(spec), "--nproc-per-node", "2"]
     log = tmp_path / "killed-run.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "visionroute.cli", "run", str(spec)],
+            [sys.executable, "-m", "visionroute.cli", *train],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
@@ -334,28 +353,38 @@ def test_kill_9_mid_training_then_rerun_resumes_and_leaves_nothing_half_done(tmp
         return bool(list((isolated_state / "checkpoints" / "killed-mid-training").glob("*/last.pt")))
 
     assert wait_for(checkpointed, timeout=480, every=0.1), "no epoch was checkpointed"
-    servers = prefect_servers(tmp_path / "prefect-home")
-    assert servers, "the run's temporary Prefect server was not found"
+    assert len(torchrun_processes(isolated_state)) == 3  # torchrun and its two ranks
+    assert prefect_servers(tmp_path / "prefect-home"), "the run's temporary Prefect server was not found"
     proc.send_signal(signal.SIGKILL)  # last.pt is replaced atomically: a complete checkpoint is there
     proc.wait()
-    client = tracking.configure()
+    # Each rank watches the flow's process and ends when it is gone; the server's watchdog ends the server.
+    assert wait_for(lambda: not torchrun_processes(isolated_state), timeout=30) is not None
     assert wait_for(lambda: not prefect_servers(tmp_path / "prefect-home"), timeout=20) is not None
+    client = tracking.configure()
     assert {run.info.status for run in runs(client, "killed-mid-training")} == {"RUNNING"}
 
-    done = cli("run", str(spec), env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    # The same task resumed from the killed run's checkpoint, and says so.
-    assert "resumed from epoch" in done.stdout + done.stderr
+    done = cli(*train, env=env)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-5000:]
+    assert "training scratch in 2 processes (torchrun, DDP)" in output
+    assert "resumed from epoch" in output  # from the killed run's checkpoint
     finished = [r for r in runs(client, "killed-mid-training") if r.info.status == "FINISHED"]
-    training = [r for r in finished if "model" in r.data.params]
-    assert len(training) == 1 and int(training[0].data.tags["visionroute.resumed_from_epoch"]) >= 1
+    training = next(r for r in finished if "model" in r.data.params)
+    assert training.data.params["processes"] == "2"
+    assert int(training.data.tags["visionroute.resumed_from_epoch"]) >= 1
+    parent = next(r for r in finished if r.info.run_id != training.info.run_id)
+    progress = isolated_state / "runs" / parent.info.run_id / "torchrun" / "progress.jsonl"
+    epochs = [json.loads(line)["epoch"] for line in progress.read_text().splitlines()]
+    assert epochs == list(range(epochs[0], 5)) and epochs[0] >= 2  # from the epoch after the resumed one
     # What the killed run left is closed: its runs KILLED, no version half-registered, no server, no Running.
-    statuses = {run.info.run_name: run.info.status for run in runs(client, "killed-mid-training")}
-    assert "RUNNING" not in statuses.values()
+    statuses = sorted(run.info.status for run in runs(client, "killed-mid-training"))
+    assert statuses == ["FINISHED", "FINISHED", "KILLED", "KILLED"]
     killed = [run for run in runs(client, "killed-mid-training") if run.info.status == "KILLED"]
-    assert len(killed) == 2 and all("visionroute.killed" in run.data.tags for run in killed)
+    assert all("visionroute.killed" in run.data.tags for run in killed)
     versions = client.search_model_versions("name = 'killed-mid-training'")
-    assert len(versions) == 1 and versions[0].tags[model_registry.STATE_TAG] == "ready"
+    assert (
+        len(versions) == 1 and versions[0].tags[model_registry.STATE_TAG] == "ready"
+    )  # registered by rank 0
     assert not prefect_servers(tmp_path / "prefect-home")
     # The killed flow run and its sub-flow no longer say Running in Prefect's database.
     with sqlite3.connect(tmp_path / "prefect-home" / "prefect.db") as db:

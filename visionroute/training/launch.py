@@ -52,47 +52,54 @@ def train_under_torchrun(context, route: str, processes: int, backend_config: di
 
     folder = Path(context.work_dir) / "torchrun"
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in ("progress.jsonl", "result.json", "error.json"):
+    for stale in ("progress.jsonl", "result.json", "error.json", "output.log"):
         (folder / stale).unlink(missing_ok=True)
     with (folder / "context.pkl").open("wb") as out:
         pickle.dump(
             {"route": route, "backend": backend_config or {}, "context": replace(context, on_progress=None)},
             out,
         )
-    env = {**os.environ, PARENT_PID: str(os.getpid())}
+    # Per-step bars would fill the output file with carriage returns: the flow shows epochs and its progress bar.
+    env = {**os.environ, PARENT_PID: str(os.getpid()), "VISIONROUTE_NO_BAR": "1"}
     print(f"training {route} in {processes} processes (torchrun, DDP)", flush=True)
-    proc = subprocess.Popen(
-        torchrun_command(processes, "--context", str(folder / "context.pkl")),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # torchrun and its ranks are stopped as one group if this process is
-    )
+    # The ranks write to a file, not a pipe: were this process killed, a pipe would break their next print.
+    with (folder / "output.log").open("wb") as output:
+        proc = subprocess.Popen(
+            torchrun_command(processes, "--context", str(folder / "context.pkl")),
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # torchrun and its ranks are stopped as one group if this process is
+        )
     tail: deque[str] = deque(maxlen=40)
-    reader = threading.Thread(target=_forward, args=(proc.stdout, tail), daemon=True)
-    reader.start()
-    seen = 0
+    seen, forwarded = 0, 0
     try:
         while proc.poll() is None:
             seen = _report_progress(folder / "progress.jsonl", seen, context.on_progress)
+            forwarded = _forward(folder / "output.log", forwarded, tail)
             time.sleep(0.5)
     finally:
         if proc.poll() is None:  # this process is being stopped (Ctrl-C, a cancelled flow run)
             os.killpg(proc.pid, 15)
             proc.wait()
-    reader.join(timeout=5)
     _report_progress(folder / "progress.jsonl", seen, context.on_progress)
+    _forward(folder / "output.log", forwarded, tail)
     if proc.returncode != 0:
         raise _failure(folder / "error.json", processes, proc.returncode, tail)
     return BackendResult(**json.loads((folder / "result.json").read_text()))
 
 
-def _forward(stream, tail: deque) -> None:
-    """The ranks' output into this process's (the flow's log), the last lines kept for an error message."""
-    for line in stream:
-        tail.append(line.rstrip())
-        print(line, end="", flush=True)
+def _forward(path: Path, offset: int, tail: deque) -> int:
+    """The ranks' new complete lines into this process's output (the flow's log); the last ones are kept for an
+    error message. Returns the offset read up to."""
+    with path.open("rb") as log:
+        log.seek(offset)
+        chunk = log.read()
+    complete = chunk[: chunk.rfind(b"\n") + 1]
+    for line in complete.decode(errors="replace").splitlines():
+        tail.append(line)
+        print(line, flush=True)
+    return offset + len(complete)
 
 
 def _report_progress(path: Path, seen: int, on_progress) -> int:
@@ -131,13 +138,17 @@ def _expected_error(module: str, name: str):
 def _watch_parent() -> None:
     """End this rank when the process that started torchrun is gone (killed): no orphaned training."""
     pid = int(os.environ[PARENT_PID])
+    # Rank 0 goes first: were another rank to go first, rank 0 would see a collective fail and record its run
+    # FAILED with a peer's connection error, where KILLED (what the next run's repair records) is the truth.
+    grace = 0.0 if distributed.rank() == 0 else 3.0
 
     def watch() -> None:
         while True:
-            time.sleep(1.0)
+            time.sleep(0.5)
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
+                time.sleep(grace)
                 os._exit(70)
             except PermissionError:
                 pass
