@@ -3,6 +3,7 @@ native small inputs, metrics."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -361,3 +362,23 @@ def test_weight_average_follows_the_weights_over_its_time_constant_in_epochs():
         average.update()
     assert torch.allclose(average.model.weight, model.weight, atol=1e-4)
     assert not any(p.requires_grad for p in average.model.parameters())  # never trained itself
+
+
+def test_a_failed_rank_0_error_reaches_the_flow_as_itself(tmp_path):
+    from collections import deque
+
+    from visionroute.data.dataset import DatasetError
+    from visionroute.training.launch import TrainingProcessesFailed, _failure
+
+    error = tmp_path / "error.json"
+    error.write_text(
+        json.dumps({"module": "visionroute.data.dataset", "type": "DatasetError", "message": "add images"})
+    )
+    expected = _failure(error, 2, 1, deque())
+    assert isinstance(expected, DatasetError) and str(expected) == "add images"  # the CLI prints its one line
+    error.write_text(json.dumps({"module": "builtins", "type": "RuntimeError", "message": "NCCL timeout"}))
+    assert str(_failure(error, 2, 1, deque())) == "rank 0 of 2 failed: RuntimeError: NCCL timeout"
+    error.unlink()  # killed before it could say why: the output's last lines
+    died = _failure(error, 4, -9, deque(["epoch 3/9", "Killed"]))
+    assert isinstance(died, TrainingProcessesFailed) and "exited with code -9" in str(died)
+    assert str(died).endswith("epoch 3/9\nKilled")

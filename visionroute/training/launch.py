@@ -7,8 +7,9 @@ dataset, the parent MLflow run) to the run's folder and starts
 
 In every rank the training backend runs with that context: rank 0 trains, tracks, checkpoints and registers;
 the others train alongside it. Rank 0 reports each epoch to `progress.jsonl` and its result to `result.json`,
-which the flow reads back (its progress bar, its result table). Each rank watches the flow's process and ends
-if it dies, so a killed flow leaves no training behind (`visionroute repair` then closes its runs).
+which the flow reads back (its progress bar, its result table); their output goes to `output.log`, which the
+flow forwards to its log. Each rank watches the flow's process and ends if it dies, so a killed flow leaves no
+training behind (the next run's repair then records its runs KILLED).
 
 On the other nodes of a multi-node run, `visionroute train SPEC --node-rank K` starts the ranks with the spec
 instead of a context: they plan the same task themselves (the same validation, the same seeded split).
@@ -71,46 +72,46 @@ def train_under_torchrun(context, route: str, processes: int, backend_config: di
             stderr=subprocess.STDOUT,
             start_new_session=True,  # torchrun and its ranks are stopped as one group if this process is
         )
-    tail: deque[str] = deque(maxlen=40)
-    seen, forwarded = 0, 0
+    tail: deque[str] = deque(maxlen=40)  # the last lines, for an error message
+    progress, output = _Follow(folder / "progress.jsonl"), _Follow(folder / "output.log")
+
+    def relay() -> None:
+        for line in progress.new_lines():
+            if context.on_progress:
+                context.on_progress(json.loads(line))
+        for line in output.new_lines():  # into this process's output: the flow's log
+            tail.append(line)
+            print(line, flush=True)
+
     try:
         while proc.poll() is None:
-            seen = _report_progress(folder / "progress.jsonl", seen, context.on_progress)
-            forwarded = _forward(folder / "output.log", forwarded, tail)
+            relay()
             time.sleep(0.5)
     finally:
         if proc.poll() is None:  # this process is being stopped (Ctrl-C, a cancelled flow run)
             os.killpg(proc.pid, 15)
             proc.wait()
-    _report_progress(folder / "progress.jsonl", seen, context.on_progress)
-    _forward(folder / "output.log", forwarded, tail)
+    relay()
     if proc.returncode != 0:
         raise _failure(folder / "error.json", processes, proc.returncode, tail)
     return BackendResult(**json.loads((folder / "result.json").read_text()))
 
 
-def _forward(path: Path, offset: int, tail: deque) -> int:
-    """The ranks' new complete lines into this process's output (the flow's log); the last ones are kept for an
-    error message. Returns the offset read up to."""
-    with path.open("rb") as log:
-        log.seek(offset)
-        chunk = log.read()
-    complete = chunk[: chunk.rfind(b"\n") + 1]
-    for line in complete.decode(errors="replace").splitlines():
-        tail.append(line)
-        print(line, flush=True)
-    return offset + len(complete)
+class _Follow:
+    """The complete lines another process appends to a file, as they come (a partial last line waits)."""
 
+    def __init__(self, path: Path):
+        self.path, self.offset = path, 0
 
-def _report_progress(path: Path, seen: int, on_progress) -> int:
-    if not path.exists():
-        return seen
-    text = path.read_text()
-    complete = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]  # a partial line waits
-    for line in complete[seen:]:
-        if on_progress:
-            on_progress(json.loads(line))
-    return max(seen, len(complete))
+    def new_lines(self) -> list[str]:
+        if not self.path.exists():
+            return []
+        with self.path.open("rb") as file:
+            file.seek(self.offset)
+            chunk = file.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        return complete.decode(errors="replace").splitlines()
 
 
 def _failure(error_file: Path, processes: int, code: int, tail: deque) -> Exception:
