@@ -54,7 +54,7 @@ class TrainingBackend:
             seed=spec.training.seed,
         )
         processes = distributed.processes_for(recipe.name, spec.training.processes, torch.cuda.device_count())
-        if processes > 1 and not distributed.under_torchrun():
+        if (processes > 1 or distributed.multi_node()) and not distributed.under_torchrun():
             # Started again in `processes` ranks; this process waits and reports their progress and result.
             return train_under_torchrun(context, recipe.name, processes, {"max_epochs": self.max_epochs})
         # Under torchrun every rank trains; rank 0 alone tracks, checkpoints and registers.

@@ -102,7 +102,7 @@ def main() -> None:
     for seed in (int(seed) for seed in args.seeds.split(",")):
         for route, scale in plan:
             figures["runs"].append(run(route, args.npz, args.budget, seed, scale))
-        print(json.dumps(figures["runs"][-1]), flush=True)
+            print(json.dumps(figures["runs"][-1]), flush=True)
     print(json.dumps(figures, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=2))

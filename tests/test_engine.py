@@ -91,6 +91,7 @@ def test_the_cache_keeps_to_its_size_least_recently_used_first_and_clears_killed
     tmp_path, monkeypatch
 ):
     import os
+    import socket
     import time
 
     from visionroute.training.cache import cache_entries
@@ -103,16 +104,18 @@ def test_the_cache_keeps_to_its_size_least_recently_used_first_and_clears_killed
     first = decode_to_cache(dataset, prep_a, root, progress=False)
     os.utime(first.folder / "meta.json", (time.time() - 3600, time.time() - 3600))  # used an hour ago
     # A build killed mid-way left its staging folder (a pid that no longer runs); a live one's stays.
-    dead = root / "0123abcd.tmp-999999999"
-    live = root / f"4567ef01.tmp-{os.getpid()}"
-    dead.mkdir()
-    live.mkdir()
+    host = socket.gethostname()
+    dead = root / f"0123abcd.tmp-{host}-999999999"
+    live = root / f"4567ef01.tmp-{host}-{os.getpid()}"
+    elsewhere = root / "89abcdef.tmp-another-host-999999999"  # a shared state folder: that host's to clear
+    for staging in (dead, live, elsewhere):
+        staging.mkdir()
     # Less room than the first entry takes: using a second evicts the least recently used, never the one in use.
     room = sum(path.stat().st_size for path in first.folder.iterdir()) / 2
     monkeypatch.setenv("VISIONROUTE_CACHE_MAX_GB", str(room / 1024**3))
     second = decode_to_cache(dataset, prep_b, root, progress=False)
     assert [entry.folder for entry in cache_entries(root)] == [second.folder]
-    assert not first.folder.exists() and not dead.exists() and live.exists()
+    assert not first.folder.exists() and not dead.exists() and live.exists() and elsewhere.exists()
     assert second.train.x.shape[0] == len(dataset.split("train"))  # what is in use stays readable
     monkeypatch.setenv("VISIONROUTE_CACHE_MAX_GB", "lots")
     with pytest.raises(ValueError, match="VISIONROUTE_CACHE_MAX_GB='lots' is not a number"):

@@ -153,3 +153,12 @@ def test_cache_lists_the_decoded_entries_and_prunes_to_a_size(isolated_state, ti
     assert "1 entries" in listed.err
     assert main(["cache", "--max-gb", "0"]) == 0
     assert f"removed {decoded.folder.name}" in capsys.readouterr().out and not decoded.folder.exists()
+
+
+def test_train_on_several_nodes_needs_the_rendezvous_and_the_process_count(tmp_path, capsys):
+    spec = write_spec(
+        tmp_path / "t.yaml", "name: t\ntask: classify\nroute: scratch\ndata: {labeled_examples: 5000}\n"
+    )
+    assert main(["train", str(spec), "--nnodes", "2", "--node-rank", "1"]) == 1
+    error = capsys.readouterr().err
+    assert "several nodes need --rdzv-endpoint HOST:PORT" in error and "--nproc-per-node N" in error

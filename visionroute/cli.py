@@ -84,19 +84,23 @@ def _train(args) -> int:
     from visionroute.planning import plan
     from visionroute.training.launch import torchrun_command
 
-    settings = {"NNODES": args.nnodes, "NODE_RANK": args.node_rank, "RDZV_ID": args.rdzv_id}
-    if args.rdzv_endpoint:
-        settings |= {"RDZV_ENDPOINT": args.rdzv_endpoint, "RDZV_BACKEND": args.rdzv_backend}
-    os.environ.update({f"PET_{key}": str(value) for key, value in settings.items()})
+    if args.nnodes != 1:
+        if not (args.rdzv_endpoint and args.nproc_per_node):
+            raise BackendUnavailable(
+                "several nodes need --rdzv-endpoint HOST:PORT (node 0's address) and --nproc-per-node N, the "
+                "same on every node"
+            )
+        # Static rendezvous: global ranks follow --node-rank, so node 0 (where the flow runs) holds rank 0.
+        settings = {"NNODES": args.nnodes, "NODE_RANK": args.node_rank, "RDZV_BACKEND": "static"}
+        settings["RDZV_ENDPOINT"] = args.rdzv_endpoint
+        os.environ.update({f"PET_{key}": str(value) for key, value in settings.items()})
     route = plan(args.spec, args.prices).decision.route  # a bad spec or a non-training task fails here, once
     if route not in ("finetune", "scratch"):
         raise BackendUnavailable(
             f"visionroute train runs training routes; this task's route is {route} (use visionroute run)"
         )
     if args.node_rank > 0:  # rank 0 and the flow live on node 0; this node's ranks follow them
-        import torch
-
-        command = torchrun_command(args.nproc_per_node or max(1, torch.cuda.device_count()), args.spec)
+        command = torchrun_command(args.nproc_per_node, args.spec)
         return subprocess.call(command + (["--prices", args.prices] if args.prices else []))
     _before_a_flow()
     from visionroute.flows.route import route_image_task
@@ -323,13 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="processes per node, one per GPU (default: the spec's training.processes; auto is one per GPU)",
     )
-    train.add_argument("--nnodes", default="1", help="nodes, or MIN:MAX (torchrun --nnodes)")
+    train.add_argument("--nnodes", type=int, default=1, help="nodes (torchrun --nnodes)")
     train.add_argument("--node-rank", type=int, default=0, help="this node's rank (static rendezvous)")
     train.add_argument(
         "--rdzv-endpoint", help="host:port of the rendezvous (multi-node; torchrun --rdzv-endpoint)"
     )
-    train.add_argument("--rdzv-backend", default="c10d", help="torchrun --rdzv-backend")
-    train.add_argument("--rdzv-id", default="visionroute", help="torchrun --rdzv-id: the same on every node")
     train.set_defaults(handler=_train)
 
     bake = commands.add_parser(

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -102,14 +103,17 @@ def decode_to_cache(
     if root is not None:
         remove_stale_staging(root)
     if folder and (folder / "meta.json").exists():
-        data = _open(folder, prep)
-        data.reused, data.build_seconds = True, time.perf_counter() - started
-        _used(folder)
-        return data
+        try:
+            _used(folder)  # marked before it is read, so that another run's prune passes it by
+            data = _open(folder, prep)
+            data.reused, data.build_seconds = True, time.perf_counter() - started
+            return data
+        except FileNotFoundError:  # pruned by another run a moment ago: build it again
+            pass
     if folder is None:
         data = _build_in_memory(dataset, prep, workers, progress)
     else:
-        staging = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+        staging = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         try:
@@ -182,10 +186,12 @@ def max_cache_bytes() -> float:
 
 
 def remove_stale_staging(root: Path) -> None:
-    """Staging folders whose building process is gone (killed mid-build): never renamed into place, never read."""
+    """Staging folders whose building process on this host is gone (killed mid-build): never renamed into
+    place, never read. Another host's (a shared state folder) are left to that host."""
+    host = socket.gethostname()
     for staging in root.glob("*.tmp-*"):
-        pid = staging.name.rsplit(".tmp-", 1)[1]
-        if pid.isdigit() and not _alive(int(pid)):
+        owner, _, pid = staging.name.rsplit(".tmp-", 1)[1].rpartition("-")
+        if owner == host and pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(staging, ignore_errors=True)
 
 

@@ -28,6 +28,11 @@ def processes_for(route: str, requested: int | str, gpus: int) -> int:
     return int(requested)
 
 
+def multi_node() -> bool:
+    """`visionroute train --nnodes N` (N > 1) set torchrun's own settings for this process."""
+    return os.environ.get("PET_NNODES", "1") != "1"
+
+
 def under_torchrun() -> bool:
     """This process is one of torchrun's ranks (it must not start torchrun again)."""
     return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -505,10 +505,16 @@ class Checkpoint:
     folder: Path
 
     def save(self, payload: dict, best: bool) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
         staging = self.folder / f"last.pt.tmp-{os.getpid()}"
-        torch.save(payload, staging)
-        os.replace(staging, self.folder / "last.pt")  # a kill -9 mid-write leaves the previous one intact
+        for attempt in (1, 2):  # a concurrent run of the same task that finished may delete the folder
+            self.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                torch.save(payload, staging)
+                os.replace(staging, self.folder / "last.pt")  # a kill -9 mid-write leaves the last one intact
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
         if best:
             torch.save(
                 {"model": payload["model"], "epoch": payload["epoch"], "metrics": payload["record"]}, staging
@@ -588,6 +594,8 @@ def train(
         first_epoch = eval_seconds_per_image * (TRAIN_STEP_FORWARDS * len(data.train) + len(data.val))
         plan["epochs"] = max(1, min(config.max_epochs, int(budget.remaining() // first_epoch)))
     plan["warmup"] = min(plan["epochs"] * steps_per_epoch // 2, int(config.warmup_epochs * steps_per_epoch))
+    # Each rank timed its own probe: all follow rank 0's plan, or their learning rates would drift apart.
+    plan["epochs"], plan["warmup"] = distributed.broadcast_ints([plan["epochs"], plan["warmup"]], device)
 
     def schedule(step: int) -> float:
         return lr_factor(step, plan["warmup"], plan["epochs"] * steps_per_epoch)
@@ -685,9 +693,10 @@ def train(
             result.stopped = "early_stopping"
         elif epoch < config.max_epochs and (budget.out_of_time() or budget.epochs_that_fit() == 0):
             result.stopped = "budget"
-        elif epoch == 1 or epoch + budget.epochs_that_fit() < plan["epochs"]:
+        elif (epoch == 1 < plan["epochs"]) or epoch + budget.epochs_that_fit() < plan["epochs"]:
             # Shorter when epochs are slower than planned; after the first, measured epoch also longer (up to
-            # max_epochs) when the estimate was too cautious. Never longer later: the decay is under way.
+            # max_epochs) when the estimate was too cautious, unless its decay is over (a 1-epoch plan). Never
+            # longer later: the decay is under way.
             plan["epochs"] = min(config.max_epochs, epoch + budget.epochs_that_fit())
         # Every rank follows rank 0's decision, so none waits in a collective the others have left.
         code, plan["epochs"] = distributed.broadcast_ints(

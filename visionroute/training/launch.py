@@ -19,9 +19,11 @@ torchrun's own settings (nnodes, node rank, rendezvous) reach it as its PET_* en
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
@@ -40,7 +42,8 @@ class TrainingProcessesFailed(RuntimeError):
 
 
 def torchrun_command(processes: int, *target: str) -> list[str]:
-    """torchrun on this node; single-node (--standalone) unless a rendezvous endpoint was configured."""
+    """torchrun on this node: single-node (--standalone), or the multi-node settings in PET_* (static
+    rendezvous: node 0 holds rank 0, which runs with the flow)."""
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}"]
     if not os.environ.get("PET_RDZV_ENDPOINT"):
         command.append("--standalone")
@@ -89,8 +92,12 @@ def train_under_torchrun(context, route: str, processes: int, backend_config: di
             time.sleep(0.5)
     finally:
         if proc.poll() is None:  # this process is being stopped (Ctrl-C, a cancelled flow run)
-            os.killpg(proc.pid, 15)
+            os.killpg(proc.pid, signal.SIGTERM)
             proc.wait()
+        with contextlib.suppress(
+            ProcessLookupError
+        ):  # torchrun has exited; were it killed, its ranks would not
+            os.killpg(proc.pid, signal.SIGKILL)
     relay()
     if proc.returncode != 0:
         raise _failure(folder / "error.json", processes, proc.returncode, tail)
@@ -214,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if PARENT_PID in os.environ:
         _watch_parent()
+    # torchrun stops the other ranks with SIGTERM when one fails (and the flow's group on Ctrl-C or a cancel):
+    # as an exception, so that rank 0's run is recorded FAILED rather than left RUNNING.
+    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
     distributed.setup()
     try:
         if args.context:

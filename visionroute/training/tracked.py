@@ -252,6 +252,8 @@ def follow_training_route(
         load_pretrained(model, weights, len(dataset.classes))
     prep = Preprocessing.for_model(model, config.model_name, dataset.classes, channels, native_size)
     data = prepare_data(dataset, prep, workers=config.decode_workers, cache_root=_cache_root())
+    if data.rejected:  # as rank 0 does: the resume key is computed from the same images
+        dataset = dataset.without(data.rejected)
     _point_at_checkpoints(config, spec, dataset, prep)
     train(config, model, data)
     return BackendResult(
@@ -270,12 +272,15 @@ def _point_at_checkpoints(config: TrainConfig, spec, dataset, prep: Preprocessin
 
 
 def _resume_key(spec, dataset, prep: Preprocessing, config: TrainConfig) -> str:
-    """Same spec, data, split, preprocessing and configuration: the same run, whose checkpoint may be resumed."""
+    """Same spec, data, split, preprocessing, configuration and number of ranks: the same run, whose checkpoint
+    may be resumed. The spec's `processes` (a run override on node 0 only) counts as the actual world size."""
     settings = {
         k: v for k, v in asdict(config).items() if k not in ("checkpoint_dir", "cache_dir", "resume_key")
     }
+    task = spec.model_dump(mode="json")
+    task["training"].pop("processes", None)
     blob = json.dumps(
-        [spec.model_dump(mode="json"), cache_key(dataset, prep), prep.to_dict(), settings],
+        [task, cache_key(dataset, prep), prep.to_dict(), settings, distributed.world_size()],
         sort_keys=True,
         default=str,
     )
