@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -124,10 +125,26 @@ def wait_for_state(page, url: str, shot: Path, logs: Path) -> str:
 
 def submit_custom_run(page, prefect: str, deployment_id: str, shot: Path) -> str:
     """Press Submit on the form; once the UI confirms, returns the new flow run's page."""
+    confirmed = page.get_by_text("scheduled to start now").first
+    oops = page.get_by_text("Oops. Something went wrong.").first
     page.get_by_role("button", name="Submit").click()
+    ok = False
     try:
-        page.get_by_text("scheduled to start now").first.wait_for(timeout=120_000)
+        confirmed.or_(oops).wait_for(timeout=120_000)
+        ok = confirmed.is_visible()
+        if not ok and oops.is_visible():
+            # The UI's generic error toast: seen in 2 of 8 full runs on a loaded 2-core machine, the same form
+            # passing before and after. A user presses Submit again; the first failure stays on record.
+            page.screenshot(path=str(shot.with_name(f"retry-{shot.name}")), full_page=True)
+            warnings.warn(
+                "the Prefect UI answered 'Something went wrong' to Submit; submitting again", stacklevel=1
+            )
+            page.get_by_role("button", name="Submit").click()
+            confirmed.wait_for(timeout=120_000)
+            ok = True
     except Exception:
+        pass
+    if not ok:
         page.screenshot(path=str(shot), full_page=True)
         pytest.fail(f"the UI did not confirm the submitted run; see {shot}")
     runs = api(
@@ -249,4 +266,4 @@ def test_the_users_day_in_a_browser(services, tmp_path, out_dir):
         expect(page.locator("body")).to_contain_text("checked the confusion matrix")
         page.screenshot(path=str(out_dir / "09-mlflow-history.png"), full_page=True)
         browser.close()
-    assert len(list(out_dir.glob("*.png"))) == 10
+    assert len([shot for shot in out_dir.glob("*.png") if not shot.name.startswith("retry-")]) == 10
