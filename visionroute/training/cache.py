@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from visionroute.data.dataset import SPLITS, ImageDataset, Sample
 from visionroute.data.images import ImageRejected
+from visionroute.processes import alive
 from visionroute.training.preprocessing import Preprocessing
 
 DEFAULT_MAX_GB = 50.0
@@ -191,18 +192,8 @@ def remove_stale_staging(root: Path) -> None:
     host = socket.gethostname()
     for staging in root.glob("*.tmp-*"):
         owner, _, pid = staging.name.rsplit(".tmp-", 1)[1].rpartition("-")
-        if owner == host and pid.isdigit() and not _alive(int(pid)):
+        if owner == host and pid.isdigit() and not alive(int(pid)):
             shutil.rmtree(staging, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _used(folder: Path) -> None:

@@ -32,6 +32,7 @@ from collections import deque
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from visionroute.processes import alive
 from visionroute.training import distributed
 
 PARENT_PID = "VISIONROUTE_PARENT_PID"
@@ -151,15 +152,10 @@ def _watch_parent() -> None:
     grace = 0.0 if distributed.rank() == 0 else 3.0
 
     def watch() -> None:
-        while True:
+        while alive(pid):
             time.sleep(0.5)
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                time.sleep(grace)
-                os._exit(70)
-            except PermissionError:
-                pass
+        time.sleep(grace)
+        os._exit(70)
 
     threading.Thread(target=watch, daemon=True).start()
 
