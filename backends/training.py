@@ -10,17 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from visionroute.backends.base import BackendContext, BackendResult, register_backend
 
-from visionroute.data.dataset import native_shape
-from visionroute.training import distributed
-from visionroute.training.catalogue import catalogue_entry
-from visionroute.training.engine import TrainConfig, build_model
-from visionroute.training.launch import train_under_torchrun
 from visionroute.training.recipes import FINETUNE, SCRATCH, Recipe
-from visionroute.training.tracked import follow_training_route, model_for, run_training_route
-from visionroute.training.weights import hub_allowed, resolve_pretrained
 
 
 @dataclass
@@ -34,6 +26,18 @@ class TrainingBackend:
         return self.recipe.name
 
     def run(self, context: BackendContext) -> BackendResult:
+        # Imported when a training route runs: torch, timm and MLflow take seconds to import, which every CLI
+        # command, every flow run a worker starts and `prefect deploy` would otherwise pay.
+        import torch
+
+        from visionroute.data.dataset import native_shape
+        from visionroute.training import distributed
+        from visionroute.training.catalogue import catalogue_entry
+        from visionroute.training.engine import TrainConfig, build_model
+        from visionroute.training.launch import train_under_torchrun
+        from visionroute.training.tracked import follow_training_route, model_for, run_training_route
+        from visionroute.training.weights import hub_allowed, resolve_pretrained
+
         spec, recipe = context.spec, self.recipe
         model_name = model_for(context, recipe.name, hub=recipe.pretrained and hub_allowed())
         classes = len(context.dataset.classes)

@@ -1,6 +1,7 @@
 """Training-engine throughput against a raw loop of the same model, batch, input size and precision.
 
     python bench/gpu_train.py --npz PATH/pneumoniamnist.npz [--jpegs 8000] [--out results.json]
+                              [--sweep] [--attribute] [--profile FOLDER]
 
 Cases (each: steady-state engine img/s from `engine.train`, warm-up steps excluded, over the raw rate):
   resnet50-224-jpeg   resnet50 at 224 px from JPEG files (synthetic photos written by this script), through the
@@ -15,12 +16,14 @@ Prefect, MLflow or pydantic), so it runs on a bare GPU machine with torch and ti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import resource
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -103,7 +106,18 @@ def synthetic_jpegs(root: Path, count: int, classes: int = 10, workers: int = 8)
 
 
 def engine_case(
-    name, dataset, model_name, channels, native, device, epochs, cache_root, batch=None, stream=False
+    name,
+    dataset,
+    model_name,
+    channels,
+    native,
+    device,
+    epochs,
+    cache_root,
+    batch=None,
+    stream=False,
+    profile_to: Path | None = None,
+    **recipe_changes,
 ):
     classes = len(dataset.classes)
     small = model_name.endswith("_small")
@@ -115,15 +129,19 @@ def engine_case(
     config = TrainConfig.from_recipe(
         SCRATCH, model_name, max_epochs=epochs, budget_seconds=600, batch_size=batch, patience=99
     )
+    config = replace(config, **recipe_changes)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    result = train(config, model, data)
+    with _profiled(profile_to, device):
+        result = train(config, model, data)
     raw_model = build_model(model_name, classes, in_chans=channels, input_size=native if small else None)
     raw = raw_images_per_s(
         raw_model, batch, channels, prep.input_size, device, steps=40 if device.type == "cuda" else 6
     )
     return {
-        "case": name + (" (streamed from the memory-mapped cache)" if stream else ""),
+        "case": name
+        + (" (streamed from the memory-mapped cache)" if stream else "")
+        + "".join(f", {key}={value}" for key, value in recipe_changes.items()),
         "model": model_name,
         "input": f"{channels}x{prep.input_size}x{prep.input_size}, stored {prep.store_side} px",
         "batch": batch,
@@ -142,6 +160,27 @@ def engine_case(
         if device.type == "cuda"
         else None,
     }
+
+
+@contextlib.contextmanager
+def _profiled(folder: Path | None, device: torch.device):
+    """torch.profiler over the whole run when `folder` is given: the operators by self device time and by
+    self host time (tables), and a trace for chrome://tracing or Perfetto. The profiler slows the host side,
+    so a profiled case's rate is not a figure; its tables say where a step's time goes."""
+    if folder is None:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        yield
+    folder.mkdir(parents=True, exist_ok=True)
+    averages = profiler.key_averages()
+    sort_device = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    (folder / "by_device_time.txt").write_text(averages.table(sort_by=sort_device, row_limit=40))
+    (folder / "by_host_time.txt").write_text(averages.table(sort_by="self_cpu_time_total", row_limit=40))
+    profiler.export_chrome_trace(str(folder / "trace.json"))
 
 
 def batch_sweep(model_name, classes, channels, size, device, native=None) -> dict:
@@ -170,6 +209,12 @@ def main() -> None:
         "--jpeg-model", default="resnet50", help="model for the JPEG case (a smaller one for a CPU smoke run)"
     )
     parser.add_argument("--sweep", action="store_true", help="raw rates at batch 64-512 for both models")
+    parser.add_argument(
+        "--attribute",
+        action="store_true",
+        help="the 28 px case again without the weight average and without colour jitter: what each costs",
+    )
+    parser.add_argument("--profile", help="profile the 28 px case into this folder (tables and a trace)")
     parser.add_argument("--out", help="also write the figures here (JSON)")
     args = parser.parse_args()
 
@@ -209,19 +254,21 @@ def main() -> None:
         if args.npz:
             dataset = assign_splits(scan_dataset(Path(args.npz), ["normal", "pneumonia"]), seed=0)
             channels, native = native_shape(dataset)
-            figures["cases"].append(
-                engine_case(
-                    "small-28-npz",
-                    dataset,
-                    "resnet18_small",
-                    channels,
-                    native,
-                    device,
-                    args.epochs * 3,
-                    work / "cache",
-                )
-            )
-            print(json.dumps(figures["cases"][-1]), flush=True)
+            small = ("small-28-npz", dataset, "resnet18_small", channels, native, device, args.epochs * 3)
+            changes = [{}]
+            if args.attribute:
+                changes += [
+                    {"average_epochs": None},
+                    {"augmentation": replace(SCRATCH.augmentation, jitter=0.0)},
+                ]
+            for change in changes:
+                figures["cases"].append(engine_case(*small, work / "cache", **change))
+                print(json.dumps(figures["cases"][-1]), flush=True)
+            if args.profile:
+                # Two epochs: the first with the one-off warm-up, one steady; the trace stays small enough to open.
+                profiled = engine_case(*small[:-1], 2, work / "cache", profile_to=Path(args.profile))
+                figures["profiled_28px"] = {"folder": args.profile, "epochs": profiled["epochs"]}
+                print(f"profile of the 28 px case written to {args.profile}", flush=True)
             if args.sweep:
                 figures["raw_sweep_resnet18_small_28"] = batch_sweep(
                     "resnet18_small", 2, channels, native, device, native

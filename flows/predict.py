@@ -10,7 +10,6 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from visionroute import tracking
-from visionroute.predict import predict_paths
 
 
 @flow(name="predict", log_prints=True)
@@ -39,6 +38,8 @@ def predict_images(
         out = str(
             tracking.state_dir() / "predictions" / f"{model.split('/')[-1].replace('@', '-')}-{stamp}.jsonl"
         )
+    from visionroute.predict import predict_paths  # torch: imported by a run, not by `prefect deploy`
+
     rows = predict_paths(model, [source], out, top_k=top_k)
     labelled = [row for row in rows if "label" in row]
     counts = Counter(row["label"] for row in labelled)

@@ -6,7 +6,6 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from visionroute import tracking
-from visionroute.reevaluation import champions, reevaluate
 
 
 @flow(name="reevaluate-champions")
@@ -18,6 +17,8 @@ def reevaluate_champions(names: list[str] | None = None, max_drop: float = 0.05)
         names: Registered models to check (empty: every model that has a champion).
         max_drop: Alert when accuracy falls more than this below the figure recorded at registration (0.05 = 5 points).
     """
+    from visionroute.reevaluation import champions, reevaluate  # torch: imported by a run, not by deploys
+
     client = tracking.configure()
     logger = get_run_logger()
     reports = []

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(
     from pathlib import Path
     from visionroute.data.dataset import assign_splits, scan_dataset
     from visionroute.training import distributed
-    from visionroute.training.augment import Augmentation
+    from visionroute.training.recipes import Augmentation
     from visionroute.training.engine import Preprocessing, TrainConfig, build_model, prepare_data, train
     from visionroute.training.recipes import SCRATCH
 

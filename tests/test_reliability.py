@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -77,6 +78,26 @@ def runs(client: MlflowClient, experiment: str):
 
 
 # --- one lifecycle -------------------------------------------------------------------------------------------
+
+
+def test_a_run_whose_owner_is_a_zombie_or_another_process_on_its_pid_counts_as_dead():
+    from visionroute.processes import start_time
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while start_time(child.pid) is not None and time.monotonic() < deadline:  # exited, not yet reaped
+        time.sleep(0.05)
+    tags = {
+        "visionroute.host": socket.gethostname(),
+        "visionroute.pid": str(child.pid),
+        "visionroute.pid_started": "1",
+    }
+    assert start_time(child.pid) is None and tracking.owner_alive(tags) is False
+    child.wait()
+    identity = tracking.process_identity()
+    assert identity["visionroute.pid_started"] == str(start_time(os.getpid()))
+    assert tracking.owner_alive(identity) is True
+    assert tracking.owner_alive({**identity, "visionroute.pid_started": "1"}) is False  # the pid, reused
 
 
 def test_a_failure_while_opening_tracking_leaves_the_parent_run_failed(harness, tmp_path, isolated_state):
@@ -316,8 +337,8 @@ def wait_for(predicate, timeout: float, every: float = 0.5):
     return None
 
 
-def torchrun_processes(state: Path) -> list[int]:
-    """Pids of torchrun and its ranks started for this state folder."""
+def torchrun_processes(state: Path, rank: int | None = None) -> list[int]:
+    """Pids of torchrun and its ranks started for this state folder (only rank `rank`'s when given)."""
     pids = []
     for entry in Path("/proc").iterdir():
         try:
@@ -325,7 +346,8 @@ def torchrun_processes(state: Path) -> list[int]:
             environ = (entry / "environ").read_bytes() if b"visionroute.training.launch" in command else b""
         except OSError:
             continue
-        if f"VISIONROUTE_STATE={state}".encode() in environ:
+        mine = f"VISIONROUTE_STATE={state}".encode() in environ
+        if mine and (rank is None or f"\0RANK={rank}\0".encode() in environ):
             pids.append(int(entry.name))
     return pids
 
@@ -333,8 +355,9 @@ def torchrun_processes(state: Path) -> list[int]:
 @pytest.mark.slow
 def test_kill_9_mid_ddp_training_then_rerun_resumes_and_leaves_nothing_half_done(tmp_path, isolated_state):
     """`visionroute train --nproc-per-node 2`: the flow plans in its own process and starts torchrun (2 gloo ranks)
-    for the training backend. Killing the flow ends the ranks and its Prefect server; the next run repairs what
-    it left, resumes from the checkpoint, reports progress and registers once."""
+    for the training backend. Killing the flow ends the ranks and its Prefect server. In the next run rank 1 dies
+    (as when killed for memory): the run fails with one clear error and closes its runs. The run after that
+    repairs what the killed one left, resumes from the checkpoint, reports progress and registers once."""
     spec = scratch_task(tmp_path, "killed-mid-training", epochs=4, count=48)
     env = own_env(tmp_path) | {"OMP_NUM_THREADS": "1", "VISIONROUTE_NO_BAR": "1"}
     train = ["train", str(spec), "--nproc-per-node", "2"]
@@ -363,6 +386,28 @@ def test_kill_9_mid_ddp_training_then_rerun_resumes_and_leaves_nothing_half_done
     client = tracking.configure()
     assert {run.info.status for run in runs(client, "killed-mid-training")} == {"RUNNING"}
 
+    log = tmp_path / "rank-died.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "visionroute.cli", *train],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+        )
+    assert wait_for(lambda: "resumed from epoch" in log.read_text() or proc.poll() is not None, timeout=300)
+    assert proc.poll() is None, log.read_text()[-3000:]
+    os.kill(torchrun_processes(isolated_state, rank=1)[0], signal.SIGKILL)
+    assert proc.wait(timeout=120) == 1, log.read_text()[-5000:]  # FAILED
+    output = log.read_text()
+    error = output[output.index("error: training in 2 processes failed") :]
+    assert "exitcode: -9" in error and "resumes from the last one" in error  # torchrun's report of rank 1
+    assert not torchrun_processes(isolated_state) and not prefect_servers(tmp_path / "prefect-home")
+    failed = [run for run in runs(client, "killed-mid-training") if run.info.status == "FAILED"]
+    assert len(failed) == 2 and all(
+        tracking.ERROR_TAG in run.data.tags for run in failed
+    )  # none left RUNNING
+
     done = cli(*train, env=env)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-5000:]
@@ -378,7 +423,7 @@ def test_kill_9_mid_ddp_training_then_rerun_resumes_and_leaves_nothing_half_done
     assert epochs == list(range(epochs[0], 5)) and epochs[0] >= 2  # from the epoch after the resumed one
     # What the killed run left is closed: its runs KILLED, no version half-registered, no server, no Running.
     statuses = sorted(run.info.status for run in runs(client, "killed-mid-training"))
-    assert statuses == ["FINISHED", "FINISHED", "KILLED", "KILLED"]
+    assert statuses == ["FAILED", "FAILED", "FINISHED", "FINISHED", "KILLED", "KILLED"]
     killed = [run for run in runs(client, "killed-mid-training") if run.info.status == "KILLED"]
     assert all("visionroute.killed" in run.data.tags for run in killed)
     versions = client.search_model_versions("name = 'killed-mid-training'")
@@ -389,7 +434,7 @@ def test_kill_9_mid_ddp_training_then_rerun_resumes_and_leaves_nothing_half_done
     # The killed flow run and its sub-flow no longer say Running in Prefect's database.
     with sqlite3.connect(tmp_path / "prefect-home" / "prefect.db") as db:
         states = sorted(state for (state,) in db.execute("select state_type from flow_run"))
-    assert "RUNNING" not in states and states.count("CRASHED") == 2, states
+    assert "RUNNING" not in states and states.count("CRASHED") == 2 and states.count("FAILED") == 2, states
 
 
 @pytest.mark.slow

@@ -418,6 +418,7 @@ EXPECTED_ERRORS = {
     "visionroute.decision.rules": (("CannotDecide",), BAD_INPUT),
     "visionroute.backends.base": (("BackendUnavailable",), FAILED),
     "visionroute.training.weights": (("WeightsError",), FAILED),
+    "visionroute.training.launch": (("TrainingProcessesFailed",), FAILED),
     "visionroute.vision.base": (("ApiError", "ProviderConfigError"), FAILED),
     "visionroute.tracking": (("StoreError",), FAILED),
     "visionroute.prefect_api": (("PrefectApiError",), FAILED),

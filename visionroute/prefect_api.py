@@ -68,31 +68,30 @@ def ensure_api() -> str | None:
 
 _WATCHDOG = """
 import os, signal, sys, time
-parent, child, started = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+from visionroute.processes import start_time
+parent, child, started = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the parent, which stops the server itself
-def child_started():
-    try:
-        return open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[19]
-    except OSError:
-        return None
 while os.getppid() == parent:
-    if child_started() != started:
+    if start_time(child) != started:
         sys.exit(0)
     time.sleep(0.5)
 for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):
-    if child_started() != started:
+    if start_time(child) != started:
         break
     os.kill(child, sig)
     time.sleep(2)
 """
 
 
-def watch(child_pid: int) -> subprocess.Popen:
+def watch(child_pid: int) -> subprocess.Popen | None:
     """Stop `child_pid` when this process dies, however it dies (a watchdog that outlives only its parent)."""
-    from visionroute.tracking import pid_started
+    from visionroute.processes import start_time
 
+    started = start_time(child_pid)
+    if started is None:  # already gone: nothing to stop
+        return None
     watchdog = subprocess.Popen(
-        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(child_pid), pid_started(child_pid) or ""],
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(child_pid), str(started)],
         stdin=subprocess.DEVNULL,
         close_fds=True,
     )

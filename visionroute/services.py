@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from visionroute.processes import start_time
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_HOST, DEFAULT_PREFECT_PORT, DEFAULT_MLFLOW_PORT = "127.0.0.1", 4200, 5000
 POOLS = {"cpu": "process", "gpu": "process"}
@@ -116,18 +118,6 @@ class UpReport:
 # ---- processes ----------------------------------------------------------------------------------------------
 
 
-def _start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), None when gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] == "Z":  # a zombie is gone for our purposes
-        return None
-    return int(fields[19])
-
-
 def _group_members(pgid: int, not_before: int) -> list[int]:
     """Live processes in process group `pgid` started no earlier than its recorded leader: ours, even when
     the leader itself died and left children behind."""
@@ -153,20 +143,21 @@ def _read_record(path: Path) -> dict | None:
 
 def _alive(record: dict) -> bool:
     """The recorded process is the one we started (same pid and start time), still running."""
-    return _start_time(record["pid"]) == record["start_time"]
+    return start_time(record["pid"]) == record["start_time"]
 
 
 def _leftovers(record: dict) -> list[int]:
     return _group_members(record["pid"], record["start_time"])
 
 
-def _stop_group(record: dict, timeout: float = 30.0) -> None:
-    """SIGTERM the recorded process group, then SIGKILL whatever is left after `timeout`."""
+def _stop_group(record: dict, timeout: float = 30.0) -> str:
+    """SIGTERM the recorded process group, then SIGKILL whatever is left after `timeout`; says how it ended."""
     pgid = record["pid"]
+    started = time.monotonic()
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
         members = _leftovers(record)
         if not members:
-            return
+            break
         if _alive(record):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, sig)
@@ -181,6 +172,8 @@ def _stop_group(record: dict, timeout: float = 30.0) -> None:
         os.waitpid(pgid, os.WNOHANG)
     if _leftovers(record):
         raise ServiceError(f"process group {pgid} did not stop; kill it by hand: kill -9 -- -{pgid}")
+    took = time.monotonic() - started
+    return f"killed after {took:.0f} s (SIGTERM was not enough)" if took > timeout else f"in {took:.1f} s"
 
 
 def _spawn(component: Component, settings: Settings) -> dict:
@@ -200,7 +193,7 @@ def _spawn(component: Component, settings: Settings) -> dict:
         )
     start = None
     for _ in range(50):  # /proc/PID/stat appears as soon as the fork returns; be tolerant anyway
-        start = _start_time(process.pid)
+        start = start_time(process.pid)
         if start is not None:
             break
         time.sleep(0.02)
@@ -659,7 +652,7 @@ def down(state: Path, echo: Callable[[str], None] = print) -> list[str]:
             continue
         if _leftovers(record):
             echo(f"stopping {component.name} (process group {record['pid']})")
-            _stop_group(record)
+            echo(f"stopped {component.name} {_stop_group(record)}")
             stopped.append(component.name)
         path.unlink()
     _settings_file(state).unlink(missing_ok=True)

@@ -16,6 +16,8 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from visionroute.processes import start_time
+
 logger = logging.getLogger(__name__)
 
 STATE_ENV = "VISIONROUTE_STATE"
@@ -147,18 +149,8 @@ def process_identity() -> dict[str, str]:
     return {
         "visionroute.host": socket.gethostname(),
         "visionroute.pid": str(os.getpid()),
-        "visionroute.pid_started": pid_started(os.getpid()) or "unknown",
+        "visionroute.pid_started": str(start_time(os.getpid()) or "unknown"),
     }
-
-
-def pid_started(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (/proc/PID/stat field 22), None when it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: count fields after its closing one.
-    return stat.rsplit(")", 1)[1].split()[19]
 
 
 def start_run(
@@ -181,8 +173,8 @@ def owner_alive(tags: dict) -> bool | None:
     host, pid, started = (tags.get(f"visionroute.{key}") for key in ("host", "pid", "pid_started"))
     if not pid or host != socket.gethostname():
         return None
-    now = pid_started(int(pid))
-    return now is not None and (started in (None, "unknown") or now == started)
+    now = start_time(int(pid))
+    return now is not None and (started in (None, "unknown") or str(now) == started)
 
 
 def repair_runs(client: MlflowClient, experiments: list[str]) -> list[dict]:

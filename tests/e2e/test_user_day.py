@@ -58,9 +58,12 @@ def field(scope, label: str):
     ).first
 
 
+OUT = Path(os.environ.get("VISIONROUTE_E2E_OUT", REPO / "out" / "e2e"))
+
+
 @pytest.fixture
 def out_dir() -> Path:
-    folder = Path(os.environ.get("VISIONROUTE_E2E_OUT", REPO / "out" / "e2e"))
+    folder = OUT
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     return folder
@@ -98,6 +101,8 @@ def services(tmp_path):
         down = subprocess.run(
             [str(BIN / "visionroute"), "down"], env=env, capture_output=True, text=True, timeout=300
         )
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "down.txt").write_text(down.stderr)  # how long each service took to stop
         assert down.returncode == 0, down.stderr[-2000:]
         for port in ports:  # nothing left listening
             with socket.socket() as sock:
@@ -123,7 +128,28 @@ def wait_for_state(page, url: str, shot: Path, logs: Path) -> str:
     pytest.fail(f"the run did not finish within {RUN_TIMEOUT_S} s; see {shot}")
 
 
-def submit_custom_run(page, prefect: str, deployment_id: str, shot: Path) -> str:
+class FailedRequests:
+    """The browser's failed API requests and console errors, for the report when the UI shows an error."""
+
+    def __init__(self, page):
+        self.responses, self.console = [], []
+        # Handlers only keep what they see: bodies are read later, outside Playwright's event dispatch.
+        page.on("response", lambda response: response.status >= 400 and self.responses.append(response))
+        page.on("console", lambda message: message.type == "error" and self.console.append(message.text))
+
+    @property
+    def seen(self) -> list[str]:
+        lines = []
+        for response in self.responses:
+            try:
+                body = response.text()[:500]
+            except Exception as error:  # the body may be gone
+                body = f"(body unreadable: {error})"
+            lines.append(f"{response.request.method} {response.url} -> {response.status}: {body}")
+        return lines + [f"console: {text}" for text in self.console]
+
+
+def submit_custom_run(page, prefect: str, deployment_id: str, shot: Path, failed: FailedRequests) -> str:
     """Press Submit on the form; once the UI confirms, returns the new flow run's page."""
     confirmed = page.get_by_text("scheduled to start now").first
     oops = page.get_by_text("Oops. Something went wrong.").first
@@ -136,8 +162,13 @@ def submit_custom_run(page, prefect: str, deployment_id: str, shot: Path) -> str
             # The UI's generic error toast: seen in 2 of 8 full runs on a loaded 2-core machine, the same form
             # passing before and after. A user presses Submit again; the first failure stays on record.
             page.screenshot(path=str(shot.with_name(f"retry-{shot.name}")), full_page=True)
+            # What the UI did not say: the failing request (its status and body) or the console error.
+            seen = failed.seen
+            shot.with_name(f"retry-{shot.stem}.txt").write_text("\n".join(seen) or "(nothing failed)")
             warnings.warn(
-                "the Prefect UI answered 'Something went wrong' to Submit; submitting again", stacklevel=1
+                "the Prefect UI answered 'Something went wrong' to Submit; submitting again. The browser saw:\n"
+                + ("\n".join(seen[-10:]) or "no failed request and no console error"),
+                stacklevel=1,
             )
             page.get_by_role("button", name="Submit").click()
             confirmed.wait_for(timeout=120_000)
@@ -181,6 +212,7 @@ def test_the_users_day_in_a_browser(services, tmp_path, out_dir):
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(60_000)
+        failed = FailedRequests(page)
 
         # 1. The ants-vs-bees deployment shows its weekly schedule.
         page.goto(f"{prefect}/deployments/deployment/{deployments['ants-vs-bees-weekly']}")
@@ -202,7 +234,7 @@ def test_the_users_day_in_a_browser(services, tmp_path, out_dir):
         expect(overrides).to_contain_text("Force a route for this run")
         page.screenshot(path=str(out_dir / "02-custom-run-form.png"), full_page=True)
         run_url = submit_custom_run(
-            page, prefect, deployments["ants-vs-bees-weekly"], out_dir / "02b-submit-failed.png"
+            page, prefect, deployments["ants-vs-bees-weekly"], out_dir / "02b-submit-failed.png", failed
         )
 
         # 3. The UI shows it Completed; the run itself carries the progress bar and the MLflow links.
@@ -249,7 +281,7 @@ def test_the_users_day_in_a_browser(services, tmp_path, out_dir):
         field(page, "reason (Optional)").locator("textarea, input").first.fill("checked the confusion matrix")
         page.screenshot(path=str(out_dir / "07-review-form.png"), full_page=True)
         review_url = submit_custom_run(
-            page, prefect, deployments["review-model"], out_dir / "07b-submit-failed.png"
+            page, prefect, deployments["review-model"], out_dir / "07b-submit-failed.png", failed
         )
         wait_for_state(page, review_url, out_dir / "08-review-completed.png", services["state"] / "logs")
 

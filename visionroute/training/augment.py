@@ -10,22 +10,11 @@ caller's generator: on a GPU a CUDA one, so a step never waits on the host.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from visionroute.training.preprocessing import Preprocessing
-
-
-@dataclass(frozen=True)
-class Augmentation:
-    scale: tuple[float, float] = (0.25, 1.0)
-    """Crop area as a fraction of the stored square."""
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
-    jitter: float = 0.2
-    """Brightness, contrast and saturation factors drawn from [1 - jitter, 1 + jitter]."""
+from visionroute.training.recipes import Augmentation
 
 
 def augment_batch(

@@ -34,13 +34,13 @@ from tqdm import tqdm
 
 from visionroute.data.dataset import ImageDataset
 from visionroute.training import distributed
-from visionroute.training.augment import Augmentation, augment_batch
+from visionroute.training.augment import augment_batch
 from visionroute.training.cache import DecodedData, decode_to_cache
 from visionroute.training.catalogue import catalogue_entry
 from visionroute.training.loader import BatchFeed, batches_in_order
 from visionroute.training.metrics import binary_threshold, classification_report, roc_auc
 from visionroute.training.preprocessing import Preprocessing
-from visionroute.training.recipes import Recipe
+from visionroute.training.recipes import Augmentation, Recipe
 
 __all__ = ["Preprocessing", "TrainConfig", "TrainResult", "build_model", "prepare_data", "train", "evaluate"]
 
@@ -75,6 +75,8 @@ class TrainConfig:
     best epoch by validation AUC."""
     average_epochs: float | None = None
     """Weights averaged (EMA) over about this many epochs are validated, selected and registered."""
+    frozen_fraction: float = 0.0
+    """Small pretrained runs: the first this fraction of the backbone's parameter tensors is not trained."""
     compile: bool = False
     """torch.compile the model on GPU (pays off on long runs; its compile time counts against the budget)."""
     seed: int = 0
@@ -105,6 +107,7 @@ class TrainConfig:
                 "class_weighted_above",
                 "choose_threshold",
                 "average_epochs",
+                "frozen_fraction",
             )
         }
         return cls(model_name, **(values | overrides))
@@ -128,6 +131,8 @@ class TrainResult:
     device: str = "cpu"
     resumed_from_epoch: int = 0
     class_weights: list[float] | None = None
+    frozen_tensors: int = 0
+    """Backbone parameter tensors left at their pretrained values (`TrainConfig.frozen_fraction`)."""
 
 
 STOPS = ("max_epochs", "early_stopping", "budget")
@@ -389,11 +394,22 @@ def _plain(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+def freeze_front(model: nn.Module, fraction: float) -> int:
+    """Stop training the first `fraction` of the backbone's parameter tensors (in definition order, which is
+    the forward order for timm's CNNs); returns how many. The head always trains."""
+    head = set(model.get_classifier().parameters())
+    backbone = [p for p in model.parameters() if p not in head]
+    frozen = backbone[: int(len(backbone) * fraction)]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    return len(frozen)
+
+
 def _make_optimizer(config: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     head = set(model.get_classifier().parameters())
     groups = [
         {
-            "params": [p for p in model.parameters() if p not in head],
+            "params": [p for p in model.parameters() if p not in head and p.requires_grad],
             "lr": config.lr_backbone if config.pretrained else config.lr_head,
         },
         {"params": list(head), "lr": config.lr_head},
@@ -568,6 +584,9 @@ def train(
         selection = ModelSelection(len(data.val), floor_accuracy=probe["val_accuracy"])
         selection.keep(model)
 
+    freeze_bn = config.pretrained and len(data.train) < config.freeze_bn_below
+    if freeze_bn and config.frozen_fraction:
+        result.frozen_tensors = freeze_front(model, config.frozen_fraction)
     optimiser = _make_optimizer(config, model, device)
     world, rank = distributed.world_size(), distributed.rank()
     feed = BatchFeed(data.train, batch_size, device, rank=rank, world=world)
@@ -577,7 +596,6 @@ def train(
     loss_weights = weights.to(device) if weights is not None else None
     generator = torch.Generator().manual_seed(config.seed)  # the epoch order: on the CPU, same on any device
     augment_generator = torch.Generator(device=device).manual_seed(config.seed)
-    freeze_bn = config.pretrained and len(data.train) < config.freeze_bn_below
     trainable = torch.compile(model) if config.compile and device.type == "cuda" else model
     average = WeightAverage(model, config.average_epochs, steps_per_epoch) if config.average_epochs else None
     judged = average.model if average else model  # the weights validated, selected and registered

@@ -123,15 +123,20 @@ class _Follow:
 
 
 def _failure(error_file: Path, processes: int, code: int, tail: deque) -> Exception:
-    """Rank 0's own error again (an expected one keeps its class, so the CLI prints its one line)."""
+    """Rank 0's own error again when it is an expected one (it keeps its class, so the CLI prints its one
+    line); otherwise what rank 0 said and the ranks' last output, where a peer's death shows (a rank killed
+    for memory leaves rank 0 with only a broken connection to report)."""
+    said = ""
     if error_file.exists():
         error = json.loads(error_file.read_text())
         expected = _expected_error(error["module"], error["type"])
         if expected is not None:
             return expected(error["message"])
-        return TrainingProcessesFailed(f"rank 0 of {processes} failed: {error['type']}: {error['message']}")
+        said = f"; rank 0: {error['type']}: {error['message']}"
     return TrainingProcessesFailed(
-        f"torchrun with {processes} processes exited with code {code}; its last output:\n" + "\n".join(tail)
+        f"training in {processes} processes failed (torchrun exit code {code}){said}\n"
+        "the ranks' last output:\n" + "\n".join(tail) + "\n"
+        "Each finished epoch is checkpointed: running the same task again resumes from the last one."
     )
 
 

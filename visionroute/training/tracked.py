@@ -131,6 +131,8 @@ def run_training_route(
                 "visionroute.class_weights",
                 json.dumps(dict(zip(classes, result.class_weights, strict=True))),
             )
+        if result.frozen_tensors:  # small data: the front of the backbone kept its pretrained weights
+            client.set_tag(run_id, "visionroute.frozen_tensors", str(result.frozen_tensors))
         prep = result.preprocessing
 
         test = result.test
