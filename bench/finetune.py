@@ -20,19 +20,30 @@ import torch
 import torch.nn.functional as F
 
 from visionroute.data.dataset import assign_splits, scan_dataset
-from visionroute.training.engine import TrainConfig, _set_bn_eval, build_model, prepare_data, train
+from visionroute.training.engine import (
+    TrainConfig,
+    _set_bn_eval,
+    build_model,
+    freeze_front,
+    prepare_data,
+    train,
+)
 from visionroute.training.preprocessing import Preprocessing
 from visionroute.training.recipes import FINETUNE
 from visionroute.training.weights import load_pretrained, resolve_pretrained
 
 
-def raw_images_per_s(model_name: str, num_classes: int, batch: int, size: int, steps: int = 12) -> float:
+def raw_images_per_s(
+    model_name: str, num_classes: int, batch: int, size: int, frozen_fraction: float, steps: int = 12
+) -> float:
     """A bare timm loop on random tensors: the ceiling the engine's training throughput is compared with.
     Median step throughput, as for the engine: single steps on this machine occasionally stall 10x."""
     model = build_model(model_name, num_classes)
     model.train()
-    _set_bn_eval(model)  # the engine freezes BN statistics on small data; compare like with like
-    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # The engine, on small data, freezes BN statistics and the front of the backbone: compare like with like.
+    _set_bn_eval(model)
+    freeze_front(model, frozen_fraction)
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, num_classes, (batch,))
     rates = []
     for step in range(steps + 1):
@@ -59,7 +70,7 @@ def main() -> None:
     # Baseline first, in a fresh process state; peak RSS is read before it so it counts training alone.
     dataset_classes = len(scan_dataset(args.data_root).classes)
     size = build_model(args.model, dataset_classes).pretrained_cfg["input_size"][-1]
-    raw = raw_images_per_s(args.model, dataset_classes, batch, size)
+    raw = raw_images_per_s(args.model, dataset_classes, batch, size, FINETUNE.frozen_fraction)
     started = time.perf_counter()
     dataset = assign_splits(scan_dataset(args.data_root), seed=args.seed)
     model = build_model(args.model, len(dataset.classes))
@@ -91,6 +102,7 @@ def main() -> None:
         "raw_images_per_s_median_step": round(raw, 2),
         "throughput_ratio": round(engine_rate / raw, 3),
         "warmup_seconds": round(result.warmup_seconds, 2),
+        "frozen_tensors": result.frozen_tensors,
         "batch": batch,
         "input_size": prep.input_size,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
