@@ -240,15 +240,17 @@ def test_concurrent_calls_overlap(tmp_path):
             results[index] = provider.annotate([images[index]], "tag")[0]
 
         threads = [threading.Thread(target=work, args=(i,)) for i in range(len(images))]
-        started = time.monotonic()
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        elapsed = time.monotonic() - started
     assert all(result.labels[0]["name"] == "Blue" for result in results)
-    assert elapsed < 1.5  # 8 x 0.3 s serially would be 2.4 s
     assert server.behaviour.requests == 8
+    # Overlap, not wall time (a loaded machine stretches that): serial calls would arrive 0.3 s or more apart;
+    # here most arrive while another request is still being answered.
+    arrivals = sorted(server.behaviour.arrivals)
+    gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:], strict=False)]
+    assert sum(gap < 0.3 for gap in gaps) >= 4, arrivals
 
 
 # ---- credentials ---------------------------------------------------------------------------------------------

@@ -224,9 +224,27 @@ def run(
     try:
         yield run_id
     except BaseException as error:
+        fail_orphaned_children(client, run_id, error)
         mark_failed(client, run_id, error)
         raise
     client.set_terminated(run_id, "FINISHED")
+
+
+def fail_orphaned_children(client: MlflowClient, run_id: str, error: BaseException) -> None:
+    """Close FAILED, with the parent's error, the child runs still RUNNING whose process is gone: a training
+    rank that torchrun had to kill (blocked in a collective with a dead peer, it never saw its SIGTERM) could
+    not close its own run."""
+    try:
+        experiment = client.get_run(run_id).info.experiment_id
+        children = client.search_runs(
+            [experiment], f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'"
+        )
+    except Exception as second:  # the original error is the one to report
+        logger.warning("could not look for the child runs of MLflow run %s: %s", run_id, second)
+        return
+    for child in children:
+        if owner_alive(child.data.tags) is False:
+            mark_failed(client, child.info.run_id, error)
 
 
 def mark_failed(client: MlflowClient, run_id: str, error: BaseException) -> None:

@@ -440,7 +440,7 @@ def time_training_step(
     """Seconds of a training step's augmentation, forward and backward on a real batch, weights untouched.
 
     Measured, not inferred from forward passes: what a step costs depends on what trains (a frozen front of the
-    backbone stops backpropagation early: a third of the full cost on lite2). The second of two steps is timed,
+    backbone stops backpropagation early: about half the full cost on lite2). The second of two steps is timed,
     after the one-off set-up (allocations, cuDNN autotuning), with a generator of its own so that the run's
     random draws are those of a run without it."""
     model.train()
