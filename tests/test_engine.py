@@ -161,6 +161,13 @@ def test_feed_covers_the_split_once_per_epoch_and_drops_a_lone_last_image():
     assert len(flat) == 8 and len(set(flat)) == 8
     for images, labels in feed.epoch(torch.arange(9)):
         assert torch.equal(images[:, 0, 0, 0], torch.from_numpy(x[labels.numpy(), 0, 0, 0]))
+    # Under DDP, fewer images than the global batch still train (every rank its share); 3 images on 2 ranks don't.
+    ranks = [BatchFeed(split, 64, torch.device("cpu"), rank=rank, world=2) for rank in (0, 1)]
+    assert [feed.steps() for feed in ranks] == [1, 1]
+    shares = [[y.tolist() for _, y in feed.epoch(torch.arange(9))] for feed in ranks]
+    assert shares == [[[0, 2, 4, 6, 8]], [[1, 3, 5, 7]]]
+    tiny = SplitArrays(x[:3], np.arange(3), ["0", "1", "2"])
+    assert BatchFeed(tiny, 64, torch.device("cpu"), world=2).steps() == 0
 
 
 def test_model_selection_and_budget_planner_alone():

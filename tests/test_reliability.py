@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -478,7 +479,9 @@ def test_a_rank_that_dies_fails_the_training_with_one_clear_error_and_closes_its
         create_backend("scratch").run(context)
     message = str(failed.value)
     assert message.startswith("training in 2 processes failed (torchrun exit code 1)")
-    assert "exitcode: -9" in message and "resumes from the last one" in message  # torchrun's report of rank 1
+    assert (
+        re.search(r"exitcode\s*:\s*-9", message) and "resumes from the last one" in message
+    )  # rank 1's death
     assert wait_for(lambda: not torchrun_processes(isolated_state), timeout=10) is not None
     closed = runs(client, "rank-dies")
     assert len(closed) == 2 and {run.info.status for run in closed} == {"FAILED"}, closed  # none RUNNING

@@ -153,11 +153,12 @@ def _leftovers(record: dict) -> list[int]:
 def _stop_group(record: dict, timeout: float = 30.0) -> str:
     """SIGTERM the recorded process group, then SIGKILL whatever is left after `timeout`; says how it ended."""
     pgid = record["pid"]
-    started = time.monotonic()
+    started, killed = time.monotonic(), False
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
         members = _leftovers(record)
         if not members:
             break
+        killed = sig == signal.SIGKILL
         if _alive(record):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, sig)
@@ -173,7 +174,7 @@ def _stop_group(record: dict, timeout: float = 30.0) -> str:
     if _leftovers(record):
         raise ServiceError(f"process group {pgid} did not stop; kill it by hand: kill -9 -- -{pgid}")
     took = time.monotonic() - started
-    return f"killed after {took:.0f} s (SIGTERM was not enough)" if took > timeout else f"in {took:.1f} s"
+    return f"killed after {took:.0f} s (SIGTERM was not enough)" if killed else f"in {took:.1f} s"
 
 
 def _spawn(component: Component, settings: Settings) -> dict:

@@ -224,8 +224,8 @@ def run(
     try:
         yield run_id
     except BaseException as error:
+        mark_failed(client, run_id, error)  # first: the children's search may wait on an unreachable store
         fail_orphaned_children(client, run_id, error)
-        mark_failed(client, run_id, error)
         raise
     client.set_terminated(run_id, "FINISHED")
 

@@ -442,13 +442,17 @@ def time_training_step(
     Measured, not inferred from forward passes: what a step costs depends on what trains (a frozen front of the
     backbone stops backpropagation early: about half the full cost on lite2). The second of two steps is timed,
     after the one-off set-up (allocations, cuDNN autotuning), with a generator of its own so that the run's
-    random draws are those of a run without it."""
+    random draws are those of a run without it; BatchNorm statistics are put back. 0.0 when there is no batch."""
+    batches = feed.epoch(torch.arange(len(feed)))
+    first = next(batches, None)
+    batches.close()
+    if first is None:
+        return 0.0
+    stored, labels = first
     model.train()
     if freeze_bn:
         _set_bn_eval(model)
-    batches = feed.epoch(torch.arange(len(feed)))
-    stored, labels = next(batches)
-    batches.close()
+    statistics = [buffer.detach().clone() for buffer in model.buffers()]
     generator = torch.Generator(device=feed.device).manual_seed(config.seed)
     seconds = 0.0
     for _ in range(2):
@@ -461,6 +465,9 @@ def time_training_step(
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
         model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for buffer, saved in zip(model.buffers(), statistics, strict=True):
+            buffer.copy_(saved)
     return seconds
 
 

@@ -76,7 +76,9 @@ def train_under_torchrun(context, route: str, processes: int, backend_config: di
             stderr=subprocess.STDOUT,
             start_new_session=True,  # torchrun and its ranks are stopped as one group if this process is
         )
-    tail: deque[str] = deque(maxlen=40)  # the last lines, for an error message
+    # The last lines, for an error message: torchrun's report of a dead rank (its log line, then its own
+    # traceback and failure table) alone is about 40.
+    tail: deque[str] = deque(maxlen=100)
     progress, output = _Follow(folder / "progress.jsonl"), _Follow(folder / "output.log")
 
     def relay() -> None:
@@ -136,7 +138,8 @@ def _failure(error_file: Path, processes: int, code: int, tail: deque) -> Except
     return TrainingProcessesFailed(
         f"training in {processes} processes failed (torchrun exit code {code}){said}\n"
         "the ranks' last output:\n" + "\n".join(tail) + "\n"
-        "Each finished epoch is checkpointed: running the same task again resumes from the last one."
+        "Each finished epoch is checkpointed: running the same task again, with the same number of processes, "
+        "resumes from the last one."
     )
 
 
