@@ -177,6 +177,17 @@ def owner_alive(tags: dict) -> bool | None:
     return now is not None and (started in (None, "unknown") or str(now) == started)
 
 
+def abandoned_runs(client: MlflowClient, experiment_ids: list[str], also: str = "") -> list:
+    """RUNNING runs (matching the filter `also`, when given) whose process is gone: killed outright, their own
+    lifecycle could not close them."""
+    query = "attributes.status = 'RUNNING'" + (f" and {also}" if also else "")
+    return [
+        run
+        for run in client.search_runs(experiment_ids, query, max_results=1000)
+        if owner_alive(run.data.tags) is False
+    ]
+
+
 def repair_runs(client: MlflowClient, experiments: list[str]) -> list[dict]:
     """Mark KILLED, with a tag saying so, every RUNNING run in `experiments` whose process is gone (killed
     outright, so its own lifecycle could not close it)."""
@@ -184,10 +195,8 @@ def repair_runs(client: MlflowClient, experiments: list[str]) -> list[dict]:
     if not ids:
         return []
     repaired = []
-    for stale in client.search_runs(ids, "attributes.status = 'RUNNING'", max_results=1000):
+    for stale in abandoned_runs(client, ids):
         tags = stale.data.tags
-        if owner_alive(tags) is not False:
-            continue
         why = (
             f"process {tags['visionroute.pid']} on {tags['visionroute.host']} ended without closing this run "
             "(killed); marked KILLED by visionroute repair"
@@ -236,15 +245,12 @@ def fail_orphaned_children(client: MlflowClient, run_id: str, error: BaseExcepti
     not close its own run."""
     try:
         experiment = client.get_run(run_id).info.experiment_id
-        children = client.search_runs(
-            [experiment], f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'"
-        )
+        orphans = abandoned_runs(client, [experiment], f"tags.mlflow.parentRunId = '{run_id}'")
     except Exception as second:  # the original error is the one to report
         logger.warning("could not look for the child runs of MLflow run %s: %s", run_id, second)
         return
-    for child in children:
-        if owner_alive(child.data.tags) is False:
-            mark_failed(client, child.info.run_id, error)
+    for orphan in orphans:
+        mark_failed(client, orphan.info.run_id, error)
 
 
 def mark_failed(client: MlflowClient, run_id: str, error: BaseException) -> None:

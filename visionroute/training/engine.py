@@ -429,6 +429,23 @@ def class_weights(labels: np.ndarray, num_classes: int, above: float | None) -> 
     return torch.tensor(weights / weights[counts > 0].mean(), dtype=torch.float32)
 
 
+def training_loss(
+    model: nn.Module,
+    stored: torch.Tensor,
+    labels: torch.Tensor,
+    prep: Preprocessing,
+    config: TrainConfig,
+    generator: torch.Generator,
+    loss_weights: torch.Tensor | None,
+) -> torch.Tensor:
+    """A stored batch augmented on its device, through the model: the training loss (bf16 autocast on a GPU)."""
+    x = augment_batch(stored, prep, config.augmentation, generator)
+    if x.device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with _autocast(x.device):
+        return F.cross_entropy(model(x), labels, weight=loss_weights, label_smoothing=config.label_smoothing)
+
+
 def time_training_step(
     model: nn.Module,
     feed: BatchFeed,
@@ -457,10 +474,7 @@ def time_training_step(
     seconds = 0.0
     for _ in range(2):
         started = time.perf_counter()
-        x = augment_batch(stored, prep, config.augmentation, generator)
-        with _autocast(feed.device):
-            loss = F.cross_entropy(model(x), labels, weight=loss_weights)
-        loss.backward()
+        training_loss(model, stored, labels, prep, config, generator, loss_weights).backward()
         if feed.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
@@ -512,16 +526,10 @@ def train_epoch(
         disable=os.environ.get("VISIONROUTE_NO_BAR") == "1",
     )
     for index, (stored, labels) in enumerate(feed.epoch(order)):
-        x = augment_batch(stored, prep, config.augmentation, augment_generator)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
         factor = schedule(step)
         for group in optimiser.param_groups:
             group["lr"] = group["base_lr"] * factor
-        with _autocast(device):
-            loss = F.cross_entropy(
-                model(x), labels, weight=loss_weights, label_smoothing=config.label_smoothing
-            )
+        loss = training_loss(model, stored, labels, prep, config, augment_generator, loss_weights)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()

@@ -97,9 +97,8 @@ def train_under_torchrun(context, route: str, processes: int, backend_config: di
         if proc.poll() is None:  # this process is being stopped (Ctrl-C, a cancelled flow run)
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait()
-        with contextlib.suppress(
-            ProcessLookupError
-        ):  # torchrun has exited; were it killed, its ranks would not
+        # torchrun has exited; had it been killed, its ranks would not have: none outlives it.
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     relay()
     if proc.returncode != 0:
