@@ -46,6 +46,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_for(predicate, timeout: float, every: float = 0.5):
+    """`predicate()`'s first truthy value within `timeout` seconds, else None."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    return None
+
+
 def api(url: str, body: dict | None = None):
     """GET (or POST `body` as JSON to) a local server's JSON API."""
     import json

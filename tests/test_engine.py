@@ -20,9 +20,10 @@ from PIL import Image
 
 from visionroute.data.dataset import assign_splits, native_shape, scan_dataset
 from visionroute.training.augment import augment_batch
-from visionroute.training.cache import decode_to_cache
+from visionroute.training.cache import DecodedData, SplitArrays, decode_to_cache
 from visionroute.training.engine import (
     BudgetPlanner,
+    EpochStats,
     ModelSelection,
     Preprocessing,
     TrainConfig,
@@ -150,7 +151,6 @@ def test_augmentation_is_seeded_and_shaped_like_the_model_input():
 
 
 def test_feed_covers_the_split_once_per_epoch_and_drops_a_lone_last_image():
-    from visionroute.training.cache import SplitArrays
 
     x = np.arange(9 * 1 * 2 * 2, dtype=np.uint8).reshape(9, 1, 2, 2)
     split = SplitArrays(x, np.arange(9), [str(i) for i in range(9)])
@@ -180,10 +180,14 @@ def test_model_selection_and_budget_planner_alone():
         not selection.update(4, 0.75, 0.1, model) or selection.best_epoch == 4
     )  # within one image: loss decides
     assert selection.best_state is not None
-    planner = BudgetPlanner(100.0, time.perf_counter())
-    planner.record(epoch_seconds=12.0, warmup_seconds=10.0, eval_seconds=1.0, test_fraction=1.0)
-    assert planner.epoch_seconds == 2.0, "one-off warm-up is not an epoch's cost"
-    assert planner.epochs_that_fit() in (48, 49)
+    # 11 steps of 10 a second, the first a 10 s warm-up; 1 s validation passes (the test pass reserves one).
+    planner = BudgetPlanner(101.5, time.perf_counter(), steps_per_epoch=10)
+    planner.record(EpochStats(0.5, 12.0, 10.0, 100, [], steps=11, warmup_steps=1), 1.0, test_fraction=1.0)
+    assert planner.step_seconds == pytest.approx(0.2), "one-off warm-up is not a step's cost"
+    # 100.5 s left: 33 epochs of 3 s, then 1.5 s: a validation pass and 2 steps of a last, shorter epoch.
+    assert planner.steps_that_fit() == 332
+    planner.budget = 100.0  # 99 s: exactly 33 epochs, no room for a partial one
+    assert planner.steps_that_fit() == 329  # the clock moved: 32 epochs and 9 steps of the next
 
 
 @pytest.mark.slow
@@ -226,6 +230,16 @@ def test_budget_is_respected(prepared):
     result = train(TrainConfig(MODEL, max_epochs=50, budget_seconds=1.0), fresh_model(), data)
     assert result.stopped == "budget"
     assert len(result.history) == 1
+
+
+def test_a_training_split_too_small_for_one_step_is_a_clear_error(prepared):
+    _, data = prepared
+    train_split = data.splits["train"]
+    one = SplitArrays(train_split.x[:1], train_split.y[:1], train_split.refs[:1])
+    tiny = DecodedData(data.preprocessing, {**data.splits, "train": one})
+    config = TrainConfig(MODEL, pretrained=False, max_epochs=1, budget_seconds=60)
+    with pytest.raises(ValueError, match=r"training split has 1 image\(s\): too few to train"):
+        train(config, build_model(MODEL, 2), tiny)
 
 
 @pytest.mark.slow

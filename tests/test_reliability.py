@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_image, scratch_task, write_spec
+from conftest import REPO, make_image, scratch_task, wait_for, write_spec
 from mlflow.tracking import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 from visionroute.flows.route import route_image_task
@@ -345,16 +345,6 @@ def test_a_half_registered_version_is_refused_by_predict(tmp_path, capsys):
     image = make_image(tmp_path / "x.jpg", (200, 40, 40), 1)
     assert main(["predict", "--model", f"models:/half-task/{version}", str(image)]) == 2
     assert "is half-registered (visionroute.state=registering" in capsys.readouterr().err
-
-
-def wait_for(predicate, timeout: float, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    return None
 
 
 def torchrun_processes(state: Path, rank: int | None = None) -> list[int]:

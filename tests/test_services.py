@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import api, free_port
+from conftest import api, free_port, wait_for
 
 from visionroute import services, tracking
 
@@ -121,3 +121,47 @@ def test_the_same_port_twice_is_refused(tmp_path):
         services.up(
             services.Settings(tmp_path / "state", prefect_port=port, mlflow_port=port), echo=lambda _: None
         )
+
+
+def stubborn_service(tmp_path: Path, name: str, heeded: int, term_again_after: float | None = None) -> dict:
+    """A service stuck in a named function that ignores SIGTERM until the `heeded`-th one (0: never)."""
+    settings = services.Settings(state=tmp_path / "state")
+    settings.services_dir.mkdir(parents=True, exist_ok=True)
+    stuck = (
+        "import signal, sys, time\n"
+        "received = []\n"
+        f"signal.signal(signal.SIGTERM, lambda *_: received.append(1) or len(received) == {heeded} and sys.exit(0))\n"
+        "def waiting_for_something_that_never_comes():\n"
+        "    while True: time.sleep(0.1)\n"
+        "print('ready'.upper(), flush=True)\n"  # the log's header holds the argv: wait for what only runs
+        "waiting_for_something_that_never_comes()\n"
+    )
+    argv = [sys.executable, "-c", stuck]
+    component = services.Component(name, argv, services.base_env(settings), term_again_after=term_again_after)
+    record = services._spawn(component, settings)
+    assert wait_for(lambda: "READY" in Path(record["log"]).read_text(), timeout=20)
+    return record
+
+
+def test_a_service_that_ignores_sigterm_is_killed_and_its_log_says_where_it_was_stuck(tmp_path):
+    """A hung service is stopped anyway, and the stacks it hung in are in its log, for whoever reads why
+    `down` had to kill it."""
+    record = stubborn_service(tmp_path, "stubborn", heeded=0)
+    outcome = services._stop_group(record, timeout=1.0)
+    assert outcome.startswith("killed after") and record["log"] in outcome, outcome
+    assert not services._group_members(record["pid"], 0)
+    log = Path(record["log"]).read_text()
+    stacks = log.partition("Fatal Python error: Aborted")[2]
+    assert "in waiting_for_something_that_never_comes" in stacks, log
+    assert not list(Path(services.REPO).glob("core*")), "SIGABRT left a core file in the project"
+
+
+def test_a_worker_that_loses_the_first_sigterm_gets_a_second(tmp_path):
+    """Prefect's worker takes a second SIGTERM as "stop now": `down` sends it to a worker still there after its
+    `term_again_after`, long before the group's grace runs out."""
+    record = stubborn_service(tmp_path, "worker-stubborn", heeded=2, term_again_after=0.5)
+    assert record["term_again_after"] == 0.5
+    outcome = services._stop_group(record, timeout=30.0)
+    assert outcome.endswith("(after a second SIGTERM)") and float(outcome.split()[1]) < 10, outcome
+    assert not services._group_members(record["pid"], 0)
+    assert all(c.term_again_after for c in services.components(services.Settings(tmp_path)) if c.pool)

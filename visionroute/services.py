@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -91,6 +92,8 @@ class Component:
     url: str | None = None
     health_url: str | None = None
     pool: str | None = None
+    term_again_after: float | None = None
+    """Seconds after which `down` sends the leader a second SIGTERM, which Prefect's CLI takes as "stop now"."""
 
 
 @dataclass
@@ -151,14 +154,19 @@ def _leftovers(record: dict) -> list[int]:
 
 
 def _stop_group(record: dict, timeout: float = 30.0) -> str:
-    """SIGTERM the recorded process group, then SIGKILL whatever is left after `timeout`; says how it ended."""
+    """SIGTERM the recorded process group (and its leader a second one after the record's `term_again_after`);
+    whatever is left after `timeout` gets SIGABRT, which makes a Python
+    process write every thread's stack to its log before it dies (services run with PYTHONFAULTHANDLER), then
+    SIGKILL. Says how it ended."""
     pgid = record["pid"]
-    started, killed = time.monotonic(), False
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+    started, forced, again = time.monotonic(), None, False
+    again_at = started + record["term_again_after"] if record.get("term_again_after") else math.inf
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGABRT, 5.0), (signal.SIGKILL, 10.0)):
         members = _leftovers(record)
         if not members:
             break
-        killed = sig == signal.SIGKILL
+        if sig != signal.SIGTERM:
+            forced = forced or sig
         if _alive(record):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, sig)
@@ -168,13 +176,27 @@ def _stop_group(record: dict, timeout: float = 30.0) -> str:
                     os.kill(pid, sig)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline and _leftovers(record):
+            if sig == signal.SIGTERM and time.monotonic() > again_at and _alive(record):
+                again_at, again = math.inf, True
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pgid, signal.SIGTERM)
             time.sleep(0.2)
     with contextlib.suppress(ChildProcessError):  # started by this very process: reap it, no zombie left
         os.waitpid(pgid, os.WNOHANG)
     if _leftovers(record):
         raise ServiceError(f"process group {pgid} did not stop; kill it by hand: kill -9 -- -{pgid}")
     took = time.monotonic() - started
-    return f"killed after {took:.0f} s (SIGTERM was not enough)" if killed else f"in {took:.1f} s"
+    if forced is None:
+        return f"in {took:.1f} s" + (" (after a second SIGTERM)" if again else "")
+    where = f"; where it was stuck is at the end of {record['log']}" if record.get("log") else ""
+    return f"killed after {took:.0f} s (SIGTERM was not enough{where})"
+
+
+def _no_core_files() -> None:
+    """In the child before exec: SIGABRT (see _stop_group) must not leave core files in the project."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
 def _spawn(component: Component, settings: Settings) -> dict:
@@ -191,6 +213,7 @@ def _spawn(component: Component, settings: Settings) -> dict:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: `down` stops it and its children, nothing else
+            preexec_fn=_no_core_files,
         )
     start = None
     for _ in range(50):  # /proc/PID/stat appears as soon as the fork returns; be tolerant anyway
@@ -206,6 +229,7 @@ def _spawn(component: Component, settings: Settings) -> dict:
         "port": component.port,
         "url": component.url,
         "log": str(log_path),
+        "term_again_after": component.term_again_after,
     }
     (settings.services_dir / f"{component.name}.json").write_text(json.dumps(record, indent=2))
     return record
@@ -283,6 +307,8 @@ def base_env(settings: Settings) -> dict[str, str]:
             "DO_NOT_TRACK": "1",
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "PWD": str(REPO),
+            # A service that ignores SIGTERM is stopped with SIGABRT: Python then logs where it was stuck.
+            "PYTHONFAULTHANDLER": "1",
         }
     )
     return env
@@ -365,6 +391,10 @@ def components(settings: Settings) -> list[Component]:
                 ],
                 worker_env,
                 pool=pool,
+                # An idle worker stops in under a second. Seen twice in three runs (Prefect 3.9): the first
+                # SIGTERM's cancellation is lost and the worker keeps polling until killed. Its flow runs got
+                # that SIGTERM too and keep the group's full grace to close their runs.
+                term_again_after=10.0,
             )
         )
     return listed

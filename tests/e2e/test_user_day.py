@@ -103,6 +103,8 @@ def services(tmp_path):
         )
         OUT.mkdir(parents=True, exist_ok=True)
         (OUT / "down.txt").write_text(down.stderr)  # how long each service took to stop
+        for log in (state / "logs").glob("*.log"):  # a service `down` had to kill logged where it hung
+            shutil.copy(log, OUT / log.name)
         assert down.returncode == 0, down.stderr[-2000:]
         for port in ports:  # nothing left listening
             with socket.socket() as sock:

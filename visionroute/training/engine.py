@@ -361,25 +361,38 @@ class WeightAverage:
 
 
 class BudgetPlanner:
-    """How many epochs still fit: the remaining budget (less the final test pass) over the slowest steady-state
-    epoch seen. Warm-up steps are excluded from an epoch's time: they are paid once, not every epoch."""
+    """How many training steps still fit: the remaining budget, less the final test pass, at the slowest
+    steady-state step seen, each epoch (a last one cut short included) ending with a validation pass. Planning
+    in steps, not whole epochs, lets the schedule end when the budget does: a 60 s fine-tune whose second
+    epoch did not quite fit used to stop after one, 20 s early. Warm-up steps are excluded from a step's time:
+    they are paid once, not every epoch."""
 
-    def __init__(self, budget_seconds: float, started: float):
-        self.budget, self.started = budget_seconds, started
-        self.epoch_seconds = 0.0
+    def __init__(self, budget_seconds: float, started: float, steps_per_epoch: int):
+        self.budget, self.started, self.steps_per_epoch = budget_seconds, started, steps_per_epoch
+        self.step_seconds = 0.0
+        self.val_seconds = 0.0
         self.test_reserve = 0.0
 
-    def record(
-        self, epoch_seconds: float, warmup_seconds: float, eval_seconds: float, test_fraction: float
-    ) -> None:
-        self.epoch_seconds = max(self.epoch_seconds, epoch_seconds - warmup_seconds)
+    def record(self, stats: EpochStats, eval_seconds: float, test_fraction: float) -> None:
+        steady = stats.steps - stats.warmup_steps
+        if steady > 0:
+            step_seconds = (stats.seconds - stats.warmup_seconds) / steady
+        else:  # every step was a warm-up one: the cautious figure
+            step_seconds = stats.seconds / max(1, stats.steps)
+        self.step_seconds = max(self.step_seconds, step_seconds)
+        self.val_seconds = max(self.val_seconds, eval_seconds)
         self.test_reserve = eval_seconds * test_fraction
 
     def remaining(self) -> float:
         return self.budget - (time.perf_counter() - self.started) - self.test_reserve
 
-    def epochs_that_fit(self) -> int:
-        return max(0, int(self.remaining() // max(self.epoch_seconds, 1e-3)))
+    def steps_that_fit(self) -> int:
+        """Steps that fit from an epoch's start: whole epochs, then what a last, shorter one can take."""
+        left = self.remaining()
+        epoch = self.steps_per_epoch * max(self.step_seconds, 1e-6) + self.val_seconds
+        whole = max(0, int(left // epoch))
+        partial = int((left - whole * epoch - self.val_seconds) // max(self.step_seconds, 1e-6))
+        return whole * self.steps_per_epoch + min(max(0, partial), self.steps_per_epoch - 1)
 
     def out_of_time(self) -> bool:
         return self.remaining() <= 0
@@ -493,6 +506,9 @@ class EpochStats:
     images: int
     """Images trained after the warm-up steps, over `seconds - warmup_seconds`."""
     step_rates: list[float]
+    steps: int
+    warmup_steps: int
+    """Of `steps`, those in `warmup_seconds`."""
 
 
 def train_epoch(
@@ -508,15 +524,17 @@ def train_epoch(
     loss_weights: torch.Tensor | None,
     warmup_steps: int,
     deadline: float,
+    stop_at: int,
     label: str,
     average: WeightAverage | None = None,
 ) -> tuple[EpochStats, int]:
-    """One pass over the training split; stops early at `deadline` (perf_counter). Returns stats and the
-    global step. Losses stay on the device until the end: a .item() per step would stall the GPU pipeline."""
+    """One pass over the training split; stops early at `deadline` (perf_counter) or at global step `stop_at`.
+    Returns stats and the global step. Losses stay on the device until the end: a .item() per step would stall
+    the GPU pipeline."""
     device = feed.device
     started = time.perf_counter()
     order = torch.randperm(len(feed), generator=generator)
-    losses, warmup_done_at, images, rates = [], None, 0, []
+    losses, warmup_done_at, images, rates, warmed = [], None, 0, [], 0
     step_started = started
     bar = tqdm(
         total=feed.steps(),
@@ -540,7 +558,7 @@ def train_epoch(
         if index < warmup_steps:
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            warmup_done_at = time.perf_counter()
+            warmup_done_at, warmed = time.perf_counter(), warmed + 1
         else:
             images += len(labels)
             if device.type == "cpu":  # per-step rates only where reading the clock does not sync a device
@@ -550,7 +568,7 @@ def train_epoch(
         bar.update(1)
         if index % 20 == 0 and device.type == "cpu":
             bar.set_postfix(loss=f"{losses[-1].item():.3f}")
-        if time.perf_counter() > deadline:
+        if step >= stop_at or time.perf_counter() > deadline:
             break
     bar.close()
     if device.type == "cuda":
@@ -558,7 +576,7 @@ def train_epoch(
     seconds = time.perf_counter() - started
     warmup = (warmup_done_at - started) if warmup_done_at else 0.0
     mean_loss = torch.stack(losses).float().mean().item() if losses else math.nan
-    return EpochStats(mean_loss, seconds, warmup, images, rates), step
+    return EpochStats(mean_loss, seconds, warmup, images, rates, len(losses), warmed), step
 
 
 @dataclass
@@ -566,8 +584,11 @@ class Checkpoint:
     """Everything `train` needs to continue where it stopped: written atomically after each epoch."""
 
     folder: Path
+    FORMAT = 2
+    """Bumped when the payload changes meaning (2: the plan in steps); an older checkpoint is not resumed."""
 
     def save(self, payload: dict, best: bool) -> None:
+        payload = {**payload, "format": self.FORMAT}
         staging = self.folder / f"last.pt.tmp-{os.getpid()}"
         for attempt in (1, 2):  # a concurrent run of the same task that finished may delete the folder
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -589,7 +610,15 @@ class Checkpoint:
         if not path.exists():
             return None
         payload = torch.load(path, map_location="cpu", weights_only=False)
-        return payload if payload.get("resume_key") == key and key else None
+        if payload.get("resume_key") != key or not key:
+            return None
+        if payload.get("format") != self.FORMAT:
+            print(
+                f"not resuming from {path}: written by an older visionroute; training from the start",
+                flush=True,
+            )
+            return None
+        return payload
 
 
 def train(
@@ -637,7 +666,12 @@ def train(
     optimiser = _make_optimizer(config, model, device)
     world, rank = distributed.world_size(), distributed.rank()
     feed = BatchFeed(data.train, batch_size, device, rank=rank, world=world)
-    steps_per_epoch = max(1, feed.steps())
+    steps_per_epoch = feed.steps()
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"the training split has {len(data.train)} image(s): too few to train in {world} process(es) "
+            "(each needs at least two); add training images or train in fewer processes"
+        )
     weights = class_weights(data.train.y, num_classes, config.class_weighted_above)
     result.class_weights = weights.tolist() if weights is not None else None
     loss_weights = weights.to(device) if weights is not None else None
@@ -647,24 +681,28 @@ def train(
     average = WeightAverage(model, config.average_epochs, steps_per_epoch) if config.average_epochs else None
     judged = average.model if average else model  # the weights validated, selected and registered
 
-    # The cosine schedule is planned for the epochs that fit, then re-planned after each epoch from its measured
+    # The cosine schedule is planned for the steps that fit, then re-planned after each epoch from its measured
     # time, so that it ends when the budget does instead of being cut off mid-decay.
-    budget = BudgetPlanner(config.budget_seconds, started)
-    plan = {"epochs": config.max_epochs}
+    budget = BudgetPlanner(config.budget_seconds, started, steps_per_epoch)
+    max_steps = config.max_epochs * steps_per_epoch
+    plan = {"steps": max_steps}
     if eval_seconds_per_image:
-        # A first plan from a timed training step and the probe's forward passes, and room in the first epoch
-        # for validation and the test pass: a 60 s fine-tune on 2 cores had planned 8 epochs, spent all of its
-        # one epoch warming up and stopped at the peak learning rate (held out 0.954).
+        # A first plan from a timed training step and the probe's forward passes, and room for validation and
+        # the test pass: a 60 s fine-tune on 2 cores had planned 8 epochs, spent all of its one epoch warming up
+        # and stopped at the peak learning rate (held out 0.954).
         budget.test_reserve = eval_seconds_per_image * (len(data.val) + len(data.test))
-        step_seconds = time_training_step(model, feed, prep, config, freeze_bn, loss_weights)
-        first_epoch = step_seconds * steps_per_epoch + eval_seconds_per_image * len(data.val)
-        plan["epochs"] = max(1, min(config.max_epochs, int(budget.remaining() // first_epoch)))
-    plan["warmup"] = min(plan["epochs"] * steps_per_epoch // 2, int(config.warmup_epochs * steps_per_epoch))
+        budget.step_seconds = time_training_step(model, feed, prep, config, freeze_bn, loss_weights)
+        budget.val_seconds = eval_seconds_per_image * len(data.val)
+        plan["steps"] = max(1, min(max_steps, budget.steps_that_fit()))
+    plan["warmup"] = min(plan["steps"] // 2, int(config.warmup_epochs * steps_per_epoch))
     # Each rank timed its own probe: all follow rank 0's plan, or their learning rates would drift apart.
-    plan["epochs"], plan["warmup"] = distributed.broadcast_ints([plan["epochs"], plan["warmup"]], device)
+    plan["steps"], plan["warmup"] = distributed.broadcast_ints([plan["steps"], plan["warmup"]], device)
 
     def schedule(step: int) -> float:
-        return lr_factor(step, plan["warmup"], plan["epochs"] * steps_per_epoch)
+        return lr_factor(step, plan["warmup"], plan["steps"])
+
+    def planned_epochs() -> int:
+        return math.ceil(plan["steps"] / steps_per_epoch)
 
     epoch, step = 0, 0
     if resumed is not None:
@@ -676,11 +714,11 @@ def train(
         selection.load(resumed["selection"])
         if average is not None and resumed.get("average"):
             average.load(resumed["average"])
-        epoch, step, plan["epochs"] = resumed["epoch"], resumed["step"], resumed["planned_epochs"]
+        epoch, step, plan["steps"] = resumed["epoch"], resumed["step"], resumed["planned_steps"]
         plan["warmup"] = resumed["warmup_steps"]
         result.history, result.probe = resumed["history"], resumed["probe"]
         result.resumed_from_epoch = epoch
-        budget.epoch_seconds = resumed["epoch_seconds"]
+        budget.step_seconds, budget.val_seconds = resumed["step_seconds"], resumed["val_seconds"]
         print(f"resumed from epoch {epoch} ({checkpoint.folder / 'last.pt'})", flush=True)
 
     if world > 1:
@@ -692,7 +730,7 @@ def train(
         )
     train_seconds, trained_images = 0.0, 0
     result.stopped = "max_epochs"
-    while epoch < plan["epochs"]:
+    while step < plan["steps"]:
         epoch += 1
         trainable.train()
         if freeze_bn:
@@ -711,7 +749,8 @@ def train(
             WARMUP_STEPS[device.type] if epoch == result.resumed_from_epoch + 1 else 0,
             # Under DDP the budget is checked between epochs only: a per-step agreement would stall every step.
             math.inf if world > 1 else started + config.budget_seconds - budget.test_reserve,
-            f"epoch {epoch}/{plan['epochs']}",
+            plan["steps"],
+            f"epoch {epoch}/{planned_epochs()}",
             average,
         )
         result.warmup_seconds += stats.warmup_seconds
@@ -726,15 +765,10 @@ def train(
         val_accuracy = (val_logits.argmax(1) == val_y).float().mean().item() if len(val_y) else 0.0
         val_loss = F.cross_entropy(val_logits, val_y).item() if len(val_y) else 0.0
         val_auc = roc_auc(data.val.y, val_logits.softmax(1)[:, 1].numpy()) if num_classes == 2 else None
-        budget.record(
-            stats.seconds + eval_seconds,
-            stats.warmup_seconds,
-            eval_seconds,
-            len(data.test) / max(1, len(data.val)),
-        )
+        budget.record(stats, eval_seconds, len(data.test) / max(1, len(data.val)))
         record = {
             "epoch": epoch,
-            "epochs": plan["epochs"],
+            "epochs": planned_epochs(),
             "train_loss": distributed.mean(stats.loss, device),
             "val_accuracy": val_accuracy,
             "val_loss": val_loss,
@@ -748,26 +782,25 @@ def train(
         improved = selection.update(epoch, score, val_loss, judged)
         if distributed.is_main():  # one line per epoch, not one per rank
             print(
-                f"epoch {epoch}/{plan['epochs']}  loss {stats.loss:.4f}  val_acc {val_accuracy:.4f}  "
+                f"epoch {epoch}/{planned_epochs()}  loss {stats.loss:.4f}  val_acc {val_accuracy:.4f}  "
                 f"val_loss {val_loss:.4f}  "
                 + (f"val_auc {val_auc:.4f}  " if val_auc is not None else "")
                 + f"{record['seconds']:.1f}s"
                 + ("  *best" if improved else ""),
                 flush=True,
             )
+        fit = budget.steps_that_fit()
         if selection.stale >= config.patience:
             result.stopped = "early_stopping"
-        elif epoch < config.max_epochs and (budget.out_of_time() or budget.epochs_that_fit() == 0):
+        elif step < max_steps and (budget.out_of_time() or fit == 0):
             result.stopped = "budget"
-        elif (epoch == 1 < plan["epochs"]) or epoch + budget.epochs_that_fit() < plan["epochs"]:
-            # Shorter when epochs are slower than planned; after the first, measured epoch also longer (up to
-            # max_epochs) when the estimate was too cautious, unless its decay is over (a 1-epoch plan). Never
-            # longer later: the decay is under way.
-            plan["epochs"] = min(config.max_epochs, epoch + budget.epochs_that_fit())
+        elif (epoch == 1 and step < plan["steps"]) or step + fit < plan["steps"]:
+            # Shorter when steps are slower than planned; after the first, measured epoch also longer (up to
+            # max_epochs) when the estimate was too cautious, unless its decay is over (a plan of one epoch or
+            # less). Never longer later: the decay is under way.
+            plan["steps"] = min(max_steps, step + fit)
         # Every rank follows rank 0's decision, so none waits in a collective the others have left.
-        code, plan["epochs"] = distributed.broadcast_ints(
-            [STOPS.index(result.stopped), plan["epochs"]], device
-        )
+        code, plan["steps"] = distributed.broadcast_ints([STOPS.index(result.stopped), plan["steps"]], device)
         result.stopped = STOPS[code]
         if checkpoint and distributed.is_main():
             checkpoint.save(
@@ -782,11 +815,12 @@ def train(
                     "average": average.state() if average else None,
                     "epoch": epoch,
                     "step": step,
-                    "planned_epochs": plan["epochs"] if result.stopped == "max_epochs" else epoch,
+                    "planned_steps": plan["steps"] if result.stopped == "max_epochs" else step,
                     "warmup_steps": plan["warmup"],
                     "history": result.history,
                     "probe": result.probe,
-                    "epoch_seconds": budget.epoch_seconds,
+                    "step_seconds": budget.step_seconds,
+                    "val_seconds": budget.val_seconds,
                     "record": record,
                 },
                 improved,
