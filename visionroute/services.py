@@ -391,10 +391,10 @@ def components(settings: Settings) -> list[Component]:
                 ],
                 worker_env,
                 pool=pool,
-                # An idle worker stops in under a second. Seen twice in three runs (Prefect 3.9): the first
-                # SIGTERM's cancellation is lost and the worker keeps polling until killed. Its flow runs got
+                # An idle worker stops in under a second, but after a day of runs (every e2e run, Prefect 3.9)
+                # the first SIGTERM's cancellation is lost and it keeps polling until killed. Its flow runs got
                 # that SIGTERM too and keep the group's full grace to close their runs.
-                term_again_after=10.0,
+                term_again_after=5.0,
             )
         )
     return listed
