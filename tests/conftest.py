@@ -73,17 +73,31 @@ def api(url: str, body: dict | None = None):
         return json.loads(response.read())
 
 
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's test harness (a temporary server and database), started once for every flow-test module that
+    asks for it: each start costs 10-30 s on 2 cores. Returns its API URL, for CLI runs in their own process."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        from prefect.settings import PREFECT_API_URL
+
+        yield PREFECT_API_URL.value()
+
+
 def prefect_artifact(key: str):
-    """The Prefect artifacts with this key, read from the server the test talks to."""
+    """The Prefect artifacts with this key, newest first, read from the server the test talks to."""
     import asyncio
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
     async def read():
         async with get_client() as client:
             return await client.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                sort=ArtifactSort.CREATED_DESC,
             )
 
     return asyncio.run(read())

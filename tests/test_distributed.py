@@ -55,22 +55,6 @@ with their own statistics (SyncBatchNorm is GPU-only), and gradients are summed 
 2026-11-27: differences 0.003, 0.033, 0.055, 0.008 over 4 epochs."""
 
 
-def cli_env(tmp_path) -> tuple:
-    """A state folder and environment of this test's own for a `visionroute` child process (ephemeral Prefect)."""
-    state = tmp_path / "state"
-    env = {
-        **os.environ,
-        "VISIONROUTE_STATE": str(state),
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-        "VISIONROUTE_NO_BAR": "1",
-        "OMP_NUM_THREADS": "1",
-    }
-    env.pop("PREFECT_API_URL", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return state, env
-
-
 def result(output: str) -> dict:
     return json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
 

@@ -11,7 +11,6 @@ from conftest import COLOURS, make_dataset, make_image, prefect_artifact, write_
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from prefect.testing.utilities import prefect_test_harness
 from visionroute.flows.route import route_image_task
 
 from visionroute import tracking
@@ -23,10 +22,9 @@ from visionroute.training.weights import load_pretrained, resolve_pretrained
 pytestmark = pytest.mark.flow
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prefect_harness():
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
+@pytest.fixture(autouse=True)
+def on_prefect(prefect_harness):
+    """Every test here runs its flows on the session's Prefect harness."""
 
 
 @pytest.fixture

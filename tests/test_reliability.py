@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 from conftest import REPO, make_image, scratch_task, wait_for, write_spec
 from mlflow.tracking import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
 from visionroute.flows.route import route_image_task
 
 from visionroute import model_registry, tracking
@@ -28,14 +27,6 @@ from visionroute.cli import main
 pytestmark = pytest.mark.flow
 
 PRIVATE_TAGS = "name: private-tags\ntask: tag\nconstraints: {external_api_allowed: false}\n"
-
-
-@pytest.fixture(scope="module")
-def harness():
-    with prefect_test_harness(server_startup_timeout=120):
-        from prefect.settings import PREFECT_API_URL
-
-        yield PREFECT_API_URL.value()
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -102,7 +93,9 @@ def test_a_run_whose_owner_is_a_zombie_or_another_process_on_its_pid_counts_as_d
     assert tracking.owner_alive({**identity, "visionroute.pid_started": "1"}) is False  # the pid, reused
 
 
-def test_a_failure_while_opening_tracking_leaves_the_parent_run_failed(harness, tmp_path, isolated_state):
+def test_a_failure_while_opening_tracking_leaves_the_parent_run_failed(
+    prefect_harness, tmp_path, isolated_state
+):
     spec = write_spec(tmp_path / "tags.yaml", PRIVATE_TAGS)
     # The experiment's artifact folder cannot be created: logging the spec to the parent run fails.
     (isolated_state / "artifacts").mkdir(parents=True)
@@ -249,9 +242,11 @@ def test_a_prefect_server_that_does_not_start_in_time_says_how_to_fix_it(tmp_pat
 # --- console errors ------------------------------------------------------------------------------------------
 
 
-def test_an_expected_error_prints_one_clear_line_and_an_unexpected_one_its_traceback(harness, tmp_path):
+def test_an_expected_error_prints_one_clear_line_and_an_unexpected_one_its_traceback(
+    prefect_harness, tmp_path
+):
     spec = write_spec(tmp_path / "tags.yaml", PRIVATE_TAGS)
-    env = {"PREFECT_API_URL": harness}
+    env = {"PREFECT_API_URL": prefect_harness}
     done = cli("run", str(spec), env=env)
     assert done.returncode == 2
     assert "error: " in done.stderr and "set vision_api.input" in done.stderr
@@ -319,7 +314,7 @@ def flow_run_state(flow_run_id: str) -> str:
         return client.read_flow_run(flow_run_id).state.type.value
 
 
-def test_repair_kills_runs_of_dead_processes_and_finishes_or_removes_their_versions(harness, capsys):
+def test_repair_kills_runs_of_dead_processes_and_finishes_or_removes_their_versions(prefect_harness, capsys):
     client = tracking.check_store()
     flow_run = running_flow_run()
     first_run, first = half_register("killed-task", champion=True, flow_run=flow_run)
@@ -479,11 +474,11 @@ def test_a_rank_that_dies_fails_the_training_with_one_clear_error_and_closes_its
 
 
 @pytest.mark.slow
-def test_two_concurrent_first_runs_both_succeed_with_one_champion(tmp_path, harness):
+def test_two_concurrent_first_runs_both_succeed_with_one_champion(tmp_path, prefect_harness):
     spec = scratch_task(tmp_path, "twin-runs", epochs=1, count=90)  # a 30-image test split: a champion
     # The race is in the MLflow store and registry: both runs use the module's Prefect server rather than
     # starting a temporary one each.
-    env = own_env(tmp_path) | {"PREFECT_API_URL": harness}
+    env = own_env(tmp_path) | {"PREFECT_API_URL": prefect_harness}
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "visionroute.cli", "run", str(spec)],

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from conftest import COLOURS, make_dataset, make_image, prefect_artifact
 from mlflow.tracking import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
 from visionroute.flows.predict import predict_images
 from visionroute.flows.reevaluate import reevaluate_champions
 from visionroute.flows.review import review_model
@@ -25,10 +24,9 @@ from visionroute.forms import RunOverrides, TaskForm
 pytestmark = [pytest.mark.flow, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prefect_harness():
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
+@pytest.fixture(autouse=True)
+def on_prefect(prefect_harness):
+    """Every test here runs its flows on the session's Prefect harness."""
 
 
 def test_versions_explain_themselves_and_promotions_are_recorded(tmp_path, capsys):

@@ -15,7 +15,6 @@ from fakes.azure_fake import AzureVisionFake
 from fakes.behaviour import FakeBehaviour
 from fakes.google_fake import GoogleGrpcFake, GoogleRestFake
 from mlflow.tracking import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
 from test_flow import prefect_artifact
 from visionroute.backends import BackendUnavailable
 from visionroute.flows.route import route_image_task
@@ -27,10 +26,9 @@ from visionroute.vision.base import ApiError
 pytestmark = pytest.mark.flow
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prefect_harness():
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
+@pytest.fixture(autouse=True)
+def on_prefect(prefect_harness):
+    """Every test here runs its flows on the session's Prefect harness."""
 
 
 def photos(folder: Path, count: int = 6) -> Path:
