@@ -19,6 +19,7 @@ from conftest import REPO, grey_npz, make_dataset
 from PIL import Image
 
 from visionroute.data.dataset import assign_splits, native_shape, scan_dataset
+from visionroute.training import engine
 from visionroute.training.augment import augment_batch
 from visionroute.training.cache import DecodedData, SplitArrays, decode_to_cache
 from visionroute.training.engine import (
@@ -170,7 +171,7 @@ def test_feed_covers_the_split_once_per_epoch_and_drops_a_lone_last_image():
     assert BatchFeed(tiny, 64, torch.device("cpu"), world=2).steps() == 0
 
 
-def test_model_selection_and_budget_planner_alone():
+def test_model_selection_and_budget_planner_alone(monkeypatch):
     model = torch.nn.Linear(2, 2)
     selection = ModelSelection(val_examples=10, floor_accuracy=0.6)
     assert not selection.update(1, 0.5, 0.3, model)  # below the probe's floor
@@ -180,14 +181,20 @@ def test_model_selection_and_budget_planner_alone():
         not selection.update(4, 0.75, 0.1, model) or selection.best_epoch == 4
     )  # within one image: loss decides
     assert selection.best_state is not None
-    # 11 steps of 10 a second, the first a 10 s warm-up; 1 s validation passes (the test pass reserves one).
-    planner = BudgetPlanner(101.5, time.perf_counter(), steps_per_epoch=10)
+    # A still clock: the arithmetic alone. 11 steps of 10 a second, the first a 10 s warm-up; 1 s validation
+    # passes (the test pass reserves one).
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: 1000.0)
+    planner = BudgetPlanner(101.5, 1000.0, steps_per_epoch=10)
+    planner.step_seconds, planner.val_seconds = 5.0, 30.0  # a cautious estimate before the first epoch
     planner.record(EpochStats(0.5, 12.0, 10.0, 100, [], steps=11, warmup_steps=1), 1.0, test_fraction=1.0)
     assert planner.step_seconds == pytest.approx(0.2), "one-off warm-up is not a step's cost"
+    assert planner.val_seconds == 1.0, "the first measured epoch replaces the estimate"
     # 100.5 s left: 33 epochs of 3 s, then 1.5 s: a validation pass and 2 steps of a last, shorter epoch.
     assert planner.steps_that_fit() == 332
-    planner.budget = 100.0  # 99 s: exactly 33 epochs, no room for a partial one
-    assert planner.steps_that_fit() == 329  # the clock moved: 32 epochs and 9 steps of the next
+    planner.budget = 100.0  # 99 s: exactly 33 epochs, no room for a shorter one
+    assert planner.steps_that_fit() == 330
+    planner.record(EpochStats(0.5, 4.0, 0.0, 100, [], steps=10, warmup_steps=0), 2.0, test_fraction=1.0)
+    assert (planner.step_seconds, planner.val_seconds) == (0.4, 2.0), "later epochs: the slowest seen"
 
 
 @pytest.mark.slow

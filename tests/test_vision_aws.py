@@ -67,9 +67,7 @@ def image(tmp_path) -> ImageInput:
 
 @pytest.fixture
 def fake():
-    # The server hangs 3 s, ten times the read timeout: giving up at the timeout ends the call long before the
-    # hang does, with a margin no loaded CI machine eats (a tight bound in the overlap test failed under load).
-    with RekognitionFake(FakeBehaviour(max_batch=1, hang_s=3.0)) as server:
+    with RekognitionFake(FakeBehaviour(max_batch=1, hang_s=1.0)) as server:
         yield server
 
 

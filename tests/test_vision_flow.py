@@ -9,13 +9,12 @@ import logging
 from pathlib import Path
 
 import pytest
-from conftest import COLOURS, make_dataset, make_image, write_spec
+from conftest import COLOURS, make_dataset, make_image, prefect_artifact, write_spec
 from fakes.aws_fake import RekognitionFake
 from fakes.azure_fake import AzureVisionFake
 from fakes.behaviour import FakeBehaviour
 from fakes.google_fake import GoogleGrpcFake, GoogleRestFake
 from mlflow.tracking import MlflowClient
-from test_flow import prefect_artifact
 from visionroute.backends import BackendUnavailable
 from visionroute.flows.route import route_image_task
 

@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -93,7 +94,8 @@ class Component:
     health_url: str | None = None
     pool: str | None = None
     term_again_after: float | None = None
-    """Seconds after which `down` sends the leader a second SIGTERM, which Prefect's CLI takes as "stop now"."""
+    """Seconds after which `down` sends the leader, once it is alone in its group, a second SIGTERM, which
+    Prefect's CLI takes as "stop now"."""
 
 
 @dataclass
@@ -154,14 +156,15 @@ def _leftovers(record: dict) -> list[int]:
 
 
 def _stop_group(record: dict, timeout: float = 30.0) -> str:
-    """SIGTERM the recorded process group (and its leader a second one after the record's `term_again_after`);
-    whatever is left after `timeout` gets SIGABRT, which makes a Python
-    process write every thread's stack to its log before it dies (services run with PYTHONFAULTHANDLER), then
-    SIGKILL. Says how it ended."""
+    """SIGTERM the recorded process group (and its leader a second one after the record's `term_again_after`).
+    Whatever is left after `timeout` gets SIGABRT, which makes a Python process write every thread's stack to
+    its log before it dies (services run with PYTHONFAULTHANDLER), then SIGKILL. Says how it ended."""
     pgid = record["pid"]
     started, forced, again = time.monotonic(), None, False
     again_at = started + record["term_again_after"] if record.get("term_again_after") else math.inf
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGABRT, 5.0), (signal.SIGKILL, 10.0)):
+    # A group started by an older `up` may dump core on SIGABRT: it goes straight to SIGKILL.
+    abort = [(signal.SIGABRT, 5.0)] if record.get("stacks_on_abort") else []
+    for sig, wait in [(signal.SIGTERM, timeout), *abort, (signal.SIGKILL, 10.0)]:
         members = _leftovers(record)
         if not members:
             break
@@ -176,7 +179,9 @@ def _stop_group(record: dict, timeout: float = 30.0) -> str:
                     os.kill(pid, sig)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline and _leftovers(record):
-            if sig == signal.SIGTERM and time.monotonic() > again_at and _alive(record):
+            # Only once the leader is alone: a busy worker streams its flow runs' output, which they still print
+            # while closing their runs after the first SIGTERM.
+            if sig == signal.SIGTERM and time.monotonic() > again_at and _leftovers(record) == [pgid]:
                 again_at, again = math.inf, True
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pgid, signal.SIGTERM)
@@ -188,15 +193,8 @@ def _stop_group(record: dict, timeout: float = 30.0) -> str:
     took = time.monotonic() - started
     if forced is None:
         return f"in {took:.1f} s" + (" (after a second SIGTERM)" if again else "")
-    where = f"; where it was stuck is at the end of {record['log']}" if record.get("log") else ""
+    where = f"; where it was stuck is at the end of {record['log']}" if abort else ""
     return f"killed after {took:.0f} s (SIGTERM was not enough{where})"
-
-
-def _no_core_files() -> None:
-    """In the child before exec: SIGABRT (see _stop_group) must not leave core files in the project."""
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
 def _spawn(component: Component, settings: Settings) -> dict:
@@ -213,8 +211,9 @@ def _spawn(component: Component, settings: Settings) -> dict:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: `down` stops it and its children, nothing else
-            preexec_fn=_no_core_files,
         )
+    # SIGABRT (see _stop_group) must not leave core files in the project; set before it has started anything.
+    resource.prlimit(process.pid, resource.RLIMIT_CORE, (0, 0))
     start = None
     for _ in range(50):  # /proc/PID/stat appears as soon as the fork returns; be tolerant anyway
         start = start_time(process.pid)
@@ -230,6 +229,7 @@ def _spawn(component: Component, settings: Settings) -> dict:
         "url": component.url,
         "log": str(log_path),
         "term_again_after": component.term_again_after,
+        "stacks_on_abort": component.env.get("PYTHONFAULTHANDLER") == "1",  # and no core files (prlimit)
     }
     (settings.services_dir / f"{component.name}.json").write_text(json.dumps(record, indent=2))
     return record
@@ -393,7 +393,7 @@ def components(settings: Settings) -> list[Component]:
                 pool=pool,
                 # An idle worker stops in under a second, but after a day of runs (every e2e run, Prefect 3.9)
                 # the first SIGTERM's cancellation is lost and it keeps polling until killed. Its flow runs got
-                # that SIGTERM too and keep the group's full grace to close their runs.
+                # that SIGTERM too; the second one waits until they have exited.
                 term_again_after=5.0,
             )
         )

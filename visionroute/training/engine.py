@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from visionroute.data.dataset import ImageDataset
+from visionroute.data.dataset import DatasetError, ImageDataset
 from visionroute.training import distributed
 from visionroute.training.augment import augment_batch
 from visionroute.training.cache import DecodedData, decode_to_cache
@@ -372,6 +372,9 @@ class BudgetPlanner:
         self.step_seconds = 0.0
         self.val_seconds = 0.0
         self.test_reserve = 0.0
+        self.measured = False
+        """False while the figures are estimates (a timed step, the probe's passes): the first epoch replaces
+        them; later epochs can only make them slower."""
 
     def record(self, stats: EpochStats, eval_seconds: float, test_fraction: float) -> None:
         steady = stats.steps - stats.warmup_steps
@@ -379,9 +382,12 @@ class BudgetPlanner:
             step_seconds = (stats.seconds - stats.warmup_seconds) / steady
         else:  # every step was a warm-up one: the cautious figure
             step_seconds = stats.seconds / max(1, stats.steps)
+        if not self.measured:
+            self.step_seconds = self.val_seconds = 0.0
         self.step_seconds = max(self.step_seconds, step_seconds)
         self.val_seconds = max(self.val_seconds, eval_seconds)
         self.test_reserve = eval_seconds * test_fraction
+        self.measured = True
 
     def remaining(self) -> float:
         return self.budget - (time.perf_counter() - self.started) - self.test_reserve
@@ -668,7 +674,7 @@ def train(
     feed = BatchFeed(data.train, batch_size, device, rank=rank, world=world)
     steps_per_epoch = feed.steps()
     if steps_per_epoch == 0:
-        raise ValueError(
+        raise DatasetError(
             f"the training split has {len(data.train)} image(s): too few to train in {world} process(es) "
             "(each needs at least two); add training images or train in fewer processes"
         )
@@ -719,6 +725,7 @@ def train(
         result.history, result.probe = resumed["history"], resumed["probe"]
         result.resumed_from_epoch = epoch
         budget.step_seconds, budget.val_seconds = resumed["step_seconds"], resumed["val_seconds"]
+        budget.measured = True
         print(f"resumed from epoch {epoch} ({checkpoint.folder / 'last.pt'})", flush=True)
 
     if world > 1:
@@ -729,7 +736,7 @@ def train(
             trainable, device_ids=[device.index] if device.type == "cuda" else None
         )
     train_seconds, trained_images = 0.0, 0
-    result.stopped = "max_epochs"
+    result.stopped = resumed["stopped"] if resumed is not None else "max_epochs"
     while step < plan["steps"]:
         epoch += 1
         trainable.train()
@@ -748,7 +755,10 @@ def train(
             loss_weights,
             WARMUP_STEPS[device.type] if epoch == result.resumed_from_epoch + 1 else 0,
             # Under DDP the budget is checked between epochs only: a per-step agreement would stall every step.
-            math.inf if world > 1 else started + config.budget_seconds - budget.test_reserve,
+            # Room for the validation pass of an epoch the clock cuts short.
+            math.inf
+            if world > 1
+            else started + config.budget_seconds - budget.test_reserve - budget.val_seconds,
             plan["steps"],
             f"epoch {epoch}/{planned_epochs()}",
             average,
@@ -816,6 +826,7 @@ def train(
                     "epoch": epoch,
                     "step": step,
                     "planned_steps": plan["steps"] if result.stopped == "max_epochs" else step,
+                    "stopped": result.stopped,
                     "warmup_steps": plan["warmup"],
                     "history": result.history,
                     "probe": result.probe,
