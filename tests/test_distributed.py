@@ -86,3 +86,57 @@ def test_two_processes_follow_the_loss_curve_of_one_with_the_same_global_batch(t
     assert len(one["losses"]) == len(two["losses"]) == 4
     np.testing.assert_allclose(two["losses"], one["losses"], atol=TOLERANCE)
     assert one["losses"][-1] < one["losses"][0]  # it learned: the comparison is between curves that move
+
+
+RESUME_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, torch
+    from pathlib import Path
+    from visionroute.data.dataset import assign_splits, scan_dataset
+    from visionroute.training import distributed
+    from visionroute.training.engine import Checkpoint, Preprocessing, TrainConfig, build_model, prepare_data, train
+    from visionroute.training.recipes import SCRATCH
+
+    distributed.setup()
+    npz, folder = Path(sys.argv[1]), Path(sys.argv[2])
+    dataset = assign_splits(scan_dataset(npz), seed=0)
+    model = build_model("resnet18_small", 2, in_chans=1, input_size=28)
+    prep = Preprocessing.for_model(model, "resnet18_small", dataset.classes, 1, 28)
+    data = prepare_data(dataset, prep, cache_root=folder / "cache")
+    # Each rank its own checkpoint folder, as on nodes that do not share the state folder.
+    config = TrainConfig.from_recipe(
+        SCRATCH, "resnet18_small", max_epochs=2, budget_seconds=600, batch_size=16,
+        checkpoint_dir=folder / f"node-{os.environ['RANK']}", resume_key="same-task",
+    )
+    train(config, model, data)
+    distributed.teardown()
+    """
+)
+
+
+def test_ranks_that_see_different_checkpoints_fail_together_naming_the_fix(tmp_path):
+    """Rank 0 finds a checkpoint and rank 1 none (nodes without a shared state folder): resuming would let their
+    weights drift apart, so both stop before training, with the fix in the error."""
+    import torch
+
+    npz = grey_npz(tmp_path / "grey.npz", count=48)
+    (tmp_path / "node-0").mkdir()
+    torch.save({"resume_key": "same-task", "format": 2, "step": 6}, tmp_path / "node-0" / "last.pt")
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VISIONROUTE_NO_BAR": "1", "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    done = subprocess.run(
+        [*launcher, str(script), str(npz), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-3000:]
+    assert "the ranks disagree on where to resume" in output
+    assert "rank 0 sees a checkpoint at step 6, rank 1 no checkpoint" in output, output[-3000:]
+    assert "rank 0 sees a checkpoint at step 6, another rank something else" in output  # rank 0's own error
+    assert "on a filesystem all nodes share" in output
+    assert not (tmp_path / "node-1" / "last.pt").exists(), "rank 1 trained"

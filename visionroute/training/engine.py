@@ -627,6 +627,26 @@ class Checkpoint:
         return payload
 
 
+def _same_resume_on_every_rank(resumed: dict | None, checkpoint: Checkpoint | None, device) -> None:
+    """Every rank resumes from the same step, or every rank fails with the same error. A node that cannot see
+    rank 0's checkpoint folder would start afresh, with an optimizer state of its own, and its weights would
+    drift from the others' while DDP averaged their gradients."""
+    if distributed.world_size() == 1:
+        return
+    here = resumed["step"] if resumed is not None else -1
+    first = distributed.broadcast_ints([here], device)[0]
+    if distributed.mean(float(here != first), device) > 0:
+        seen = "no checkpoint" if here < 0 else f"a checkpoint at step {here}"
+        theirs = "no checkpoint" if first < 0 else f"a checkpoint at step {first}"
+        folder = checkpoint.folder if checkpoint else "(none)"
+        other = f"rank {distributed.rank()} {seen}" if here != first else "another rank something else"
+        raise RuntimeError(
+            f"the ranks disagree on where to resume from {folder}: rank 0 sees {theirs}, {other}. Every node "
+            "must see the same checkpoint folder: put the state folder (VISIONROUTE_STATE) on a filesystem all "
+            "nodes share, or delete that folder on every node to train from the start"
+        )
+
+
 def train(
     config: TrainConfig, model: nn.Module, data: DecodedData, on_epoch: Callable[[dict], None] | None = None
 ) -> TrainResult:
@@ -644,6 +664,7 @@ def train(
     result = TrainResult(model, prep, device=device.type, batch_size=batch_size)
     checkpoint = Checkpoint(config.checkpoint_dir) if config.checkpoint_dir else None
     resumed = checkpoint.load(config.resume_key) if checkpoint else None
+    _same_resume_on_every_rank(resumed, checkpoint, device)
 
     # Probe: a head fitted on frozen features of the centre crops the train images get at evaluation.
     # A model whose threshold is chosen on validation is judged by what the threshold is chosen from: AUC.
