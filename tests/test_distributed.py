@@ -55,31 +55,28 @@ with their own statistics (SyncBatchNorm is GPU-only), and gradients are summed 
 2026-11-27: differences 0.003, 0.033, 0.055, 0.008 over 4 epochs."""
 
 
+def run_script(script: str, tmp_path, npz, processes: int) -> subprocess.CompletedProcess:
+    """`script` on the npz in one plain process, or in `processes` gloo ranks under torchrun."""
+    path = tmp_path / "script.py"
+    path.write_text(script)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VISIONROUTE_NO_BAR": "1", "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    return subprocess.run(
+        [*launcher, str(path), str(npz), str(tmp_path)], env=env, capture_output=True, text=True, timeout=900
+    )
+
+
 def result(output: str) -> dict:
     return json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
 
 
 def test_two_processes_follow_the_loss_curve_of_one_with_the_same_global_batch(tmp_path):
     npz = grey_npz(tmp_path / "grey.npz", count=64)
-    script = tmp_path / "ddp.py"
-    script.write_text(SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "VISIONROUTE_NO_BAR": "1", "OMP_NUM_THREADS": "1"}
-    single = subprocess.run(
-        [sys.executable, str(script), str(npz), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    single = run_script(SCRIPT, tmp_path, npz, processes=1)
     assert single.returncode == 0, single.stderr[-3000:]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    double = subprocess.run(
-        [*launcher, str(script), str(npz), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    double = run_script(SCRIPT, tmp_path, npz, processes=2)
     assert double.returncode == 0, double.stderr[-3000:]
     one, two = result(single.stdout), result(double.stdout)
     assert (one["world"], two["world"]) == (1, 2)
@@ -90,11 +87,11 @@ def test_two_processes_follow_the_loss_curve_of_one_with_the_same_global_batch(t
 
 RESUME_SCRIPT = textwrap.dedent(
     """
-    import os, sys, torch
+    import os, sys
     from pathlib import Path
     from visionroute.data.dataset import assign_splits, scan_dataset
     from visionroute.training import distributed
-    from visionroute.training.engine import Checkpoint, Preprocessing, TrainConfig, build_model, prepare_data, train
+    from visionroute.training.engine import Preprocessing, TrainConfig, build_model, prepare_data, train
     from visionroute.training.recipes import SCRATCH
 
     distributed.setup()
@@ -122,17 +119,7 @@ def test_ranks_that_see_different_checkpoints_fail_together_naming_the_fix(tmp_p
     npz = grey_npz(tmp_path / "grey.npz", count=48)
     (tmp_path / "node-0").mkdir()
     torch.save({"resume_key": "same-task", "format": 2, "step": 6}, tmp_path / "node-0" / "last.pt")
-    script = tmp_path / "resume.py"
-    script.write_text(RESUME_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "VISIONROUTE_NO_BAR": "1", "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    done = subprocess.run(
-        [*launcher, str(script), str(npz), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_script(RESUME_SCRIPT, tmp_path, npz, processes=2)
     output = done.stdout + done.stderr
     assert done.returncode != 0, output[-3000:]
     assert "the ranks disagree on where to resume" in output
