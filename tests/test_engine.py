@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import REPO, grey_npz, make_dataset
 from PIL import Image
 
 from visionroute.data.dataset import assign_splits, native_shape, scan_dataset
 from visionroute.training import engine
-from visionroute.training.augment import augment_batch
+from visionroute.training.augment import augment_batch, augmented, steps_together
 from visionroute.training.cache import DecodedData, SplitArrays, decode_to_cache
 from visionroute.training.engine import (
     BudgetPlanner,
@@ -31,6 +32,7 @@ from visionroute.training.engine import (
     build_model,
     class_weights,
     prepare_data,
+    smoothed_cross_entropy,
     train,
 )
 from visionroute.training.loader import BatchFeed
@@ -149,6 +151,46 @@ def test_augmentation_is_seeded_and_shaped_like_the_model_input():
     same = Preprocessing(40, 40, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), ["a", "b"], "m", 3, 40)
     out = augment_batch(stored, same, plain, torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, same.eval_batch(stored), atol=1e-3, rtol=0)
+
+
+def test_batches_augmented_together_come_out_one_step_at_a_time_as_if_augmented_alone():
+    prep = Preprocessing(40, 40, (0.5,), (0.25,), ["a", "b"], "m", 1, 40)
+    batches = [
+        (torch.randint(0, 256, (size, 1, 40, 40), dtype=torch.uint8), torch.full((size,), i))
+        for i, size in enumerate((4, 4, 4, 3, 4))
+    ]
+    plain = Augmentation(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, jitter=0.0)
+    out = list(augmented(batches, prep, plain, torch.Generator().manual_seed(0), together=3))
+    assert [len(x) for x, _ in out] == [4, 4, 4, 3, 4]
+    for (x, labels), (stored, expected) in zip(out, batches, strict=True):
+        assert torch.equal(labels, expected)
+        torch.testing.assert_close(x, prep.eval_batch(stored), atol=1e-3, rtol=0)
+    # Random draws: one image everywhere, and every copy gets its own crop, batches together or alone.
+    image = batches[0][0][:1]
+    copies = [(image.expand(len(labels), -1, -1, -1), labels) for _, labels in batches]
+    aug = Augmentation(scale=(0.3, 1.0))
+    for together in (1, 5):
+        crops = torch.cat(
+            [x for x, _ in augmented(copies, prep, aug, torch.Generator().manual_seed(1), together)]
+        )
+        assert len({tuple(x.flatten().tolist()) for x in crops}) == len(crops) == 19
+
+
+def test_the_training_loss_is_pytorchs_smoothed_weighted_cross_entropy():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 3, generator=generator, dtype=torch.float64) * 3
+    labels = torch.randint(0, 3, (64,), generator=generator)
+    for weight in (None, torch.tensor([1.8, 0.2, 1.0], dtype=torch.float64)):
+        for smoothing in (0.0, 0.1, 0.3):
+            expected = F.cross_entropy(logits, labels, weight=weight, label_smoothing=smoothing)
+            torch.testing.assert_close(smoothed_cross_entropy(logits, labels, smoothing, weight), expected)
+
+
+def test_only_small_inputs_on_a_gpu_are_augmented_ahead():
+    assert steps_together(torch.device("cpu"), 512, 1, 28) == 1
+    assert steps_together(torch.device("cuda"), 512, 1, 28) == 16  # 1.6 MB a batch
+    assert steps_together(torch.device("cuda"), 256, 3, 224) == 1  # 154 MB: alone
+    assert steps_together(torch.device("cuda"), 64, 3, 96) == 9
 
 
 def test_feed_covers_the_split_once_per_epoch_and_drops_a_lone_last_image():

@@ -66,6 +66,10 @@ class BatchFeed:
             keep_rest = rest > 1 and (self.device.type != "cuda" or full == 0)
         return full + (1 if keep_rest else 0)
 
+    def rank_batch(self) -> int:
+        """Images of a full batch that this rank trains on."""
+        return len(range(self.rank, self.batch_size, self.world))
+
     def epoch(self, order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(uint8 images, labels) on the device, in `order` (a permutation of the split's indices)."""
         if self.resident is not None:
