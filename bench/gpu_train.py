@@ -3,7 +3,8 @@
     python bench/gpu_train.py --npz PATH/pneumoniamnist.npz [--jpegs 8000] [--out results.json]
                               [--sweep] [--attribute] [--profile FOLDER]
 
-Cases (each: steady-state engine img/s from `engine.train`, warm-up steps excluded, over the raw rate):
+Cases (each: steady-state engine img/s from `engine.train`, warm-up steps excluded, over the raw rate, which
+is measured right before and right after the engine and averaged):
   resnet50-224-jpeg   resnet50 at 224 px from JPEG files (synthetic photos written by this script), through the
                       decoded cache; measured held on the GPU and streamed from the memory-mapped cache
   small-28-npz        the small-input CNN (resnet18_small) at native 28 px, 1 channel, from the MedMNIST .npz
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from visionroute.data.dataset import assign_splits, native_shape, scan_dataset
-from visionroute.training import loader
+from visionroute.training import augment, loader
 from visionroute.training.engine import (
     TrainConfig,
     _autocast,
@@ -66,10 +67,71 @@ def raw_images_per_s(model, batch: int, channels: int, size: int, device: torch.
         loss.backward()
         optimiser.step()
 
+    # Timed in groups of steps so that a GPU is measured as it runs, pipelined, not synchronised every step.
+    return _timed(step, batch, device, steps)
+
+
+def step_attribution(model_name, data, prep, batch: int, device: torch.device, steps: int) -> dict:
+    """img/s of training steps that add the engine's parts one at a time to the raw loop, same model and
+    process, timed like the raw loop: where the engine's time over raw goes, without its epoch loop."""
+    from visionroute.training.augment import augmented, steps_together
+    from visionroute.training.engine import WeightAverage, _make_optimizer, training_loss
+
+    config = TrainConfig.from_recipe(SCRATCH, model_name)
+    classes = int(data.train.y.max()) + 1
+    model = build_model(model_name, classes, in_chans=prep.channels, input_size=prep.input_size).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimiser = _make_optimizer(config, model, device)
+    average = WeightAverage(model, 1.0, 8)
+    weights = torch.tensor([1.8, 0.2][:classes] + [1.0] * max(0, classes - 2), device=device)
+    feed = loader.BatchFeed(data.train, batch, device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    fixed = torch.randn(batch, prep.channels, prep.input_size, prep.input_size, device=device)
+    fixed_y = torch.randint(0, classes, (batch,), device=device)
+
+    def batches(augment: bool, together: int):
+        while not augment:
+            yield fixed, fixed_y
+        while True:  # epochs of the real split, as the engine feeds them
+            epoch = feed.epoch(torch.randperm(len(feed)))
+            yield from augmented(epoch, prep, config.augmentation, generator, together)
+
+    def run(augment: bool, together: int, engine_loss: bool, averaged: bool) -> float:
+        source = batches(augment, together)
+
+        def step() -> None:
+            x, y = next(source)
+            for group in optimiser.param_groups:
+                group["lr"] = group["base_lr"] * 0.5
+            if engine_loss:
+                loss = training_loss(model, x, y, config, weights)
+            else:
+                with _autocast(device):
+                    loss = F.cross_entropy(model(x), y)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            if averaged:
+                average.update()
+
+        return _timed(step, batch, device, steps)
+
+    ahead = steps_together(device, batch, prep.channels, prep.input_size)
+    return {
+        "raw step (fixed random batch, plain loss)": run(False, 1, False, False),
+        "+ engine loss (class weights, label smoothing)": run(False, 1, True, False),
+        "+ feed and augmentation, batch by batch": run(True, 1, True, False),
+        f"+ feed and augmentation, {ahead} batches at a time": run(True, ahead, True, False),
+        f"+ weight average (the engine's step, {ahead} ahead)": run(True, ahead, True, True),
+    }
+
+
+def _timed(step, batch: int, device: torch.device, steps: int) -> float:
+    """Median img/s over groups of steps, after three warm-up steps (as `raw_images_per_s`)."""
     for _ in range(3):
         step()
     rates = []
-    # Timed in groups of steps so that a GPU is measured as it runs, pipelined, not synchronised every step.
     group = 5 if device.type == "cuda" else 1
     for _ in range(max(1, steps // group)):
         if device.type == "cuda":
@@ -80,7 +142,7 @@ def raw_images_per_s(model, batch: int, channels: int, size: int, device: torch.
         if device.type == "cuda":
             torch.cuda.synchronize()
         rates.append(batch * group / (time.perf_counter() - started))
-    return statistics.median(rates)
+    return round(statistics.median(rates), 1)
 
 
 def _write_jpeg(task: tuple[str, int, int]) -> None:
@@ -130,14 +192,21 @@ def engine_case(
         SCRATCH, model_name, max_epochs=epochs, budget_seconds=600, batch_size=batch, patience=99
     )
     config = replace(config, **recipe_changes)
+
+    def raw_rate() -> float:
+        raw_model = build_model(model_name, classes, in_chans=channels, input_size=native if small else None)
+        steps = 40 if device.type == "cuda" else 6
+        return raw_images_per_s(raw_model, batch, channels, prep.input_size, device, steps=steps)
+
+    # The raw loop before and after the engine, the ratio against their mean: on the lent H200 the raw loop's
+    # own rate moved by up to a third between consecutive measurements in one process (28 px).
+    raw_before = raw_rate()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with _profiled(profile_to, device):
         result = train(config, model, data)
-    raw_model = build_model(model_name, classes, in_chans=channels, input_size=native if small else None)
-    raw = raw_images_per_s(
-        raw_model, batch, channels, prep.input_size, device, steps=40 if device.type == "cuda" else 6
-    )
+    raw_after = raw_rate()
+    raw = (raw_before + raw_after) / 2
     return {
         "case": name
         + (" (streamed from the memory-mapped cache)" if stream else "")
@@ -151,6 +220,7 @@ def engine_case(
         else f"built in {data.build_seconds:.1f} s ({len(dataset.samples) / max(data.build_seconds, 1e-9):.0f} img/s)",
         "engine_images_per_s": round(result.train_images_per_s, 1),
         "raw_images_per_s": round(raw, 1),
+        "raw_before_after": [round(raw_before, 1), round(raw_after, 1)],
         "ratio": round(result.train_images_per_s / raw, 3),
         "warmup_seconds": round(result.warmup_seconds, 2),
         "epoch_train_seconds": [h["train_seconds"] for h in result.history],
@@ -212,13 +282,22 @@ def main() -> None:
     parser.add_argument(
         "--attribute",
         action="store_true",
-        help="the 28 px case again without the weight average and without colour jitter: what each costs",
+        help="the 28 px case again without the weight average, without colour jitter and with augmentation "
+        "batch by batch, and the engine's step built up part by part from the raw loop: what each costs",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measure the 28 px case this many times (engine and raw each time)",
     )
     parser.add_argument("--profile", help="profile the 28 px case into this folder (tables and a trace)")
     parser.add_argument("--out", help="also write the figures here (JSON)")
     args = parser.parse_args()
 
     device = pick_device()
+    torch.backends.cudnn.benchmark = True  # as `train` sets it: the raw loop before the engine gets it too
+    ahead_steps = augment.AHEAD_STEPS
     figures = {
         "machine": torch.cuda.get_device_name()
         if device.type == "cuda"
@@ -255,15 +334,39 @@ def main() -> None:
             dataset = assign_splits(scan_dataset(Path(args.npz), ["normal", "pneumonia"]), seed=0)
             channels, native = native_shape(dataset)
             small = ("small-28-npz", dataset, "resnet18_small", channels, native, device, args.epochs * 3)
-            changes = [{}]
+            changes = [{} for _ in range(args.repeat)]
             if args.attribute:
                 changes += [
                     {"average_epochs": None},
                     {"augmentation": replace(SCRATCH.augmentation, jitter=0.0)},
+                    {"augmented_per_batch": True},
                 ]
             for change in changes:
+                per_batch = change.pop("augmented_per_batch", False)
+                augment.AHEAD_STEPS = 1 if per_batch else ahead_steps
                 figures["cases"].append(engine_case(*small, work / "cache", **change))
+                if per_batch:
+                    figures["cases"][-1]["case"] += ", augmented batch by batch"
+                augment.AHEAD_STEPS = ahead_steps
                 print(json.dumps(figures["cases"][-1]), flush=True)
+            if args.attribute:
+                prep = Preprocessing.for_model(
+                    build_model("resnet18_small", 2, in_chans=channels, input_size=native),
+                    "resnet18_small",
+                    dataset.classes,
+                    channels,
+                    native,
+                )
+                data = prepare_data(dataset, prep, workers=8, cache_root=work / "cache")
+                figures["step_attribution_28px"] = step_attribution(
+                    "resnet18_small",
+                    data,
+                    prep,
+                    default_batch_size(device, prep),
+                    device,
+                    steps=40 if device.type == "cuda" else 4,
+                )
+                print(json.dumps(figures["step_attribution_28px"], indent=1), flush=True)
             if args.profile:
                 # Two epochs: the first with the one-off warm-up, one steady; the trace stays small enough to open.
                 profiled = engine_case(*small[:-1], 2, work / "cache", profile_to=Path(args.profile))

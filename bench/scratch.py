@@ -32,7 +32,14 @@ from visionroute.training.weights import load_pretrained, resolve_pretrained
 MODELS = {"scratch": "resnet18_small", "finetune": "tf_efficientnet_lite0"}
 
 
-def run(route: str, npz: Path, budget: float, seed: int, scale_min: float | None = None) -> dict:
+def run(
+    route: str,
+    npz: Path,
+    budget: float,
+    seed: int,
+    scale_min: float | None = None,
+    patience: int | None = None,
+) -> dict:
     started = time.perf_counter()
     recipe, model_name = RECIPES[route], MODELS[route]
     dataset = assign_splits(scan_dataset(npz, ["normal", "pneumonia"]), seed=seed)
@@ -48,6 +55,8 @@ def run(route: str, npz: Path, budget: float, seed: int, scale_min: float | None
     overrides = {}
     if scale_min is not None:
         overrides["augmentation"] = replace(recipe.augmentation, scale=(scale_min, 1.0))
+    if patience is not None:
+        overrides["patience"] = patience
     config = TrainConfig.from_recipe(
         recipe, model_name, seed=seed, budget_seconds=budget - (time.perf_counter() - started), **overrides
     )
@@ -56,6 +65,7 @@ def run(route: str, npz: Path, budget: float, seed: int, scale_min: float | None
     return {
         "route": route,
         "augment_scale": list(config.augmentation.scale),
+        "patience": config.patience,
         "model": model_name,
         "input": f"{prep.channels}x{prep.input_size}x{prep.input_size} (stored {prep.store_side} px)",
         "test_examples": test["examples"],
@@ -87,6 +97,11 @@ def main() -> None:
     parser.add_argument(
         "--scratch-scales", default="", help="also run scratch with these smallest crop areas, e.g. 0.6,0.9"
     )
+    parser.add_argument(
+        "--patience",
+        type=int,
+        help="epochs without a better validation score before stopping (recipe default)",
+    )
     parser.add_argument("--out")
     args = parser.parse_args()
     device = pick_device()
@@ -101,7 +116,7 @@ def main() -> None:
     plan += [("scratch", float(scale)) for scale in args.scratch_scales.split(",") if scale]
     for seed in (int(seed) for seed in args.seeds.split(",")):
         for route, scale in plan:
-            figures["runs"].append(run(route, args.npz, args.budget, seed, scale))
+            figures["runs"].append(run(route, args.npz, args.budget, seed, scale, args.patience))
             print(json.dumps(figures["runs"][-1]), flush=True)
     print(json.dumps(figures, indent=2))
     if args.out:
