@@ -41,6 +41,7 @@ from visionroute.training.loader import BatchFeed, batches_in_order
 from visionroute.training.metrics import binary_threshold, classification_report, roc_auc
 from visionroute.training.preprocessing import Preprocessing
 from visionroute.training.recipes import Augmentation, Recipe
+from visionroute.training.step import EagerStep, GraphedStep, graphable, make_step
 
 __all__ = ["Preprocessing", "TrainConfig", "TrainResult", "build_model", "prepare_data", "train", "evaluate"]
 
@@ -79,6 +80,9 @@ class TrainConfig:
     """Small pretrained runs: the first this fraction of the backbone's parameter tensors is not trained."""
     compile: bool = False
     """torch.compile the model on GPU (pays off on long runs; its compile time counts against the budget)."""
+    cuda_graph: bool = True
+    """Small inputs on one GPU: replay each training step from a CUDA graph (`step.py`), where launching its
+    kernels one by one would set the pace."""
     seed: int = 0
     checkpoint_dir: Path | None = None
     """Where last.pt / best.pt go each epoch; a last.pt of the same run there is resumed from."""
@@ -131,6 +135,8 @@ class TrainResult:
     device: str = "cpu"
     resumed_from_epoch: int = 0
     class_weights: list[float] | None = None
+    cuda_graph: bool = False
+    """Training steps were replayed from a CUDA graph (`TrainConfig.cuda_graph`)."""
     frozen_tensors: int = 0
     """Backbone parameter tensors left at their pretrained values (`TrainConfig.frozen_fraction`)."""
 
@@ -535,16 +541,14 @@ class EpochStats:
 
 
 def train_epoch(
-    model: nn.Module,
+    train_step: EagerStep | GraphedStep,
     feed: BatchFeed,
     prep: Preprocessing,
     config: TrainConfig,
-    optimiser: torch.optim.Optimizer,
     schedule: Callable[[int], float],
     step: int,
     generator: torch.Generator,
     augment_generator: torch.Generator,
-    loss_weights: torch.Tensor | None,
     warmup_steps: int,
     deadline: float,
     stop_at: int,
@@ -569,16 +573,9 @@ def train_epoch(
     together = steps_together(device, feed.rank_batch(), prep.channels, prep.input_size)
     batches = augmented(feed.epoch(order), prep, config.augmentation, augment_generator, together)
     for index, (x, labels) in enumerate(batches):
-        factor = schedule(step)
-        for group in optimiser.param_groups:
-            group["lr"] = group["base_lr"] * factor
-        loss = training_loss(model, x, labels, config, loss_weights)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
+        losses.append(train_step(x, labels, schedule(step)))
         if average is not None:
             average.update()
-        losses.append(loss.detach())
         step += 1
         if index < warmup_steps:
             if device.type == "cuda":
@@ -777,6 +774,16 @@ def train(
         trainable = DistributedDataParallel(
             trainable, device_ids=[device.index] if device.type == "cuda" else None
         )
+    result.cuda_graph = config.cuda_graph and graphable(
+        device, prep.input_size, config.optimizer, world, config.compile
+    )
+    train_step = make_step(
+        trainable,
+        optimiser,
+        lambda x, labels: training_loss(trainable, x, labels, config, loss_weights),
+        device,
+        graphed=result.cuda_graph,
+    )
     train_seconds, trained_images = 0.0, 0
     result.stopped = resumed["stopped"] if resumed is not None else "max_epochs"
     while step < plan["steps"]:
@@ -785,16 +792,14 @@ def train(
         if freeze_bn:
             _set_bn_eval(model)
         stats, step = train_epoch(
-            trainable,
+            train_step,
             feed,
             prep,
             config,
-            optimiser,
             schedule,
             step,
             generator,
             augment_generator,
-            loss_weights,
             WARMUP_STEPS[device.type] if epoch == result.resumed_from_epoch + 1 else 0,
             # Under DDP the budget is checked between epochs only: a per-step agreement would stall every step.
             # Room for the validation pass of an epoch the clock cuts short.

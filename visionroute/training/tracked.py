@@ -170,6 +170,7 @@ def run_training_route(
             summary["probe_val_accuracy"] = result.probe["val_accuracy"]
         tracking.log_metrics(client, run_id, summary)
         client.set_tag(run_id, "visionroute.stopped", result.stopped)
+        client.set_tag(run_id, "visionroute.cuda_graph", str(result.cuda_graph).lower())
         tracking.log_json(
             client,
             run_id,
