@@ -76,6 +76,7 @@ def step_attribution(model_name, data, prep, batch: int, device: torch.device, s
     process, timed like the raw loop: where the engine's time over raw goes, without its epoch loop."""
     from visionroute.training.augment import augmented, steps_together
     from visionroute.training.engine import WeightAverage, _make_optimizer, training_loss
+    from visionroute.training.step import GraphedStep
 
     config = TrainConfig.from_recipe(SCRATCH, model_name)
     classes = int(data.train.y.max()) + 1
@@ -118,12 +119,65 @@ def step_attribution(model_name, data, prep, batch: int, device: torch.device, s
         return _timed(step, batch, device, steps)
 
     ahead = steps_together(device, batch, prep.channels, prep.input_size)
-    return {
+    rates = {
         "raw step (fixed random batch, plain loss)": run(False, 1, False, False),
         "+ engine loss (class weights, label smoothing)": run(False, 1, True, False),
         "+ feed and augmentation, batch by batch": run(True, 1, True, False),
         f"+ feed and augmentation, {ahead} batches at a time": run(True, ahead, True, False),
-        f"+ weight average (the engine's step, {ahead} ahead)": run(True, ahead, True, True),
+        f"+ weight average (the engine's eager step, {ahead} ahead)": run(True, ahead, True, True),
+    }
+    if device.type == "cuda":  # last: the graph turns the optimizer's learning rates into tensors
+        graphed = GraphedStep(
+            model, optimiser, lambda x, y: training_loss(model, x, y, config, weights), device
+        )
+        source = batches(True, ahead)
+
+        def step() -> None:
+            graphed(*next(source), 0.5)
+            average.update()
+
+        rates["the same, replayed from a CUDA graph (the engine's step)"] = _timed(step, batch, device, steps)
+    return rates
+
+
+def graph_check(model_name, data, prep, batch: int, device: torch.device, steps: int = 12) -> dict:
+    """The same batches through an eager and a graphed training step from the same weights: the graph must
+    train as the eager loop does (bf16 and cuDNN's atomics make the two differ in the last bits)."""
+    from visionroute.training.augment import augment_batch
+    from visionroute.training.engine import _make_optimizer, training_loss
+    from visionroute.training.step import EagerStep, GraphedStep
+
+    config = TrainConfig.from_recipe(SCRATCH, model_name)
+    feed = loader.BatchFeed(data.train, batch, device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    batches = []
+    while len(batches) < steps:
+        for stored, labels in feed.epoch(torch.randperm(len(feed))):
+            batches.append((augment_batch(stored, prep, config.augmentation, generator), labels))
+    weights = torch.tensor([1.8, 0.2], device=device)
+    runs = {}
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        model = build_model(model_name, 2, in_chans=prep.channels, input_size=prep.input_size).to(device)
+        model = model.to(memory_format=torch.channels_last).train()
+        optimiser = _make_optimizer(config, model, device)
+
+        def loss_fn(x, y, model=model):
+            return training_loss(model, x, y, config, weights)
+
+        step = (
+            GraphedStep(model, optimiser, loss_fn, device)
+            if graphed
+            else EagerStep(model, optimiser, loss_fn)
+        )
+        losses = [float(step(x, y, min(1.0, (i + 1) / 4))) for i, (x, y) in enumerate(batches[:steps])]
+        runs[graphed] = (losses, torch.cat([p.detach().float().flatten() for p in model.parameters()]))
+    (eager, eager_w), (graph, graph_w) = runs[False], runs[True]
+    return {
+        "eager_losses": [round(v, 4) for v in eager],
+        "graphed_losses": [round(v, 4) for v in graph],
+        "max_loss_difference": round(max(abs(a - b) for a, b in zip(eager, graph, strict=True)), 5),
+        "weights_relative_difference": float((eager_w - graph_w).norm() / eager_w.norm()),
     }
 
 
@@ -226,6 +280,7 @@ def engine_case(
         "epoch_train_seconds": [h["train_seconds"] for h in result.history],
         "epochs": len(result.history),
         "test_accuracy": round(result.test["accuracy"], 4),
+        "cuda_graph": result.cuda_graph,
         "gpu_peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)
         if device.type == "cuda"
         else None,
@@ -282,8 +337,9 @@ def main() -> None:
     parser.add_argument(
         "--attribute",
         action="store_true",
-        help="the 28 px case again without the weight average, without colour jitter and with augmentation "
-        "batch by batch, and the engine's step built up part by part from the raw loop: what each costs",
+        help="the 28 px case again without the weight average, without colour jitter, with augmentation "
+        "batch by batch and without the CUDA graph; the engine's step built up part by part from the raw loop "
+        "(what each costs); on a GPU, the graphed step checked against the eager one",
     )
     parser.add_argument(
         "--repeat",
@@ -340,6 +396,7 @@ def main() -> None:
                     {"average_epochs": None},
                     {"augmentation": replace(SCRATCH.augmentation, jitter=0.0)},
                     {"augmented_per_batch": True},
+                    {"cuda_graph": False},
                 ]
             for change in changes:
                 per_batch = change.pop("augmented_per_batch", False)
@@ -367,6 +424,11 @@ def main() -> None:
                     steps=40 if device.type == "cuda" else 4,
                 )
                 print(json.dumps(figures["step_attribution_28px"], indent=1), flush=True)
+                if device.type == "cuda":
+                    figures["graph_check_28px"] = graph_check(
+                        "resnet18_small", data, prep, default_batch_size(device, prep), device
+                    )
+                    print(json.dumps(figures["graph_check_28px"]), flush=True)
             if args.profile:
                 # Two epochs: the first with the one-off warm-up, one steady; the trace stays small enough to open.
                 profiled = engine_case(*small[:-1], 2, work / "cache", profile_to=Path(args.profile))
