@@ -160,7 +160,7 @@ def _stop_group(record: dict, timeout: float = 30.0) -> str:
     Whatever is left after `timeout` gets SIGABRT, which makes a Python process write every thread's stack to
     its log before it dies (services run with PYTHONFAULTHANDLER), then SIGKILL. Says how it ended."""
     pgid = record["pid"]
-    started, forced, again = time.monotonic(), None, False
+    started, forced, again = time.monotonic(), False, False
     again_at = started + record["term_again_after"] if record.get("term_again_after") else math.inf
     # A group started by an older `up` may dump core on SIGABRT: it goes straight to SIGKILL.
     abort = [(signal.SIGABRT, 5.0)] if record.get("stacks_on_abort") else []
@@ -168,8 +168,7 @@ def _stop_group(record: dict, timeout: float = 30.0) -> str:
         members = _leftovers(record)
         if not members:
             break
-        if sig != signal.SIGTERM:
-            forced = forced or sig
+        forced = forced or sig != signal.SIGTERM
         if _alive(record):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, sig)
@@ -178,10 +177,10 @@ def _stop_group(record: dict, timeout: float = 30.0) -> str:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and _leftovers(record):
+        while time.monotonic() < deadline and (left := _leftovers(record)):
             # Only once the leader is alone: a busy worker streams its flow runs' output, which they still print
             # while closing their runs after the first SIGTERM.
-            if sig == signal.SIGTERM and time.monotonic() > again_at and _leftovers(record) == [pgid]:
+            if sig == signal.SIGTERM and time.monotonic() > again_at and left == [pgid]:
                 again_at, again = math.inf, True
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pgid, signal.SIGTERM)
@@ -191,7 +190,7 @@ def _stop_group(record: dict, timeout: float = 30.0) -> str:
     if _leftovers(record):
         raise ServiceError(f"process group {pgid} did not stop; kill it by hand: kill -9 -- -{pgid}")
     took = time.monotonic() - started
-    if forced is None:
+    if not forced:
         return f"in {took:.1f} s" + (" (after a second SIGTERM)" if again else "")
     where = f"; where it was stuck is at the end of {record['log']}" if abort else ""
     return f"killed after {took:.0f} s (SIGTERM was not enough{where})"
