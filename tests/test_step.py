@@ -4,8 +4,8 @@ checks it there (a graphed and an eager run of the same batches; bench/RESULTS.m
 import torch
 import torch.nn.functional as F
 
-from visionroute.training.engine import build_model
-from visionroute.training.step import EagerStep, graphable, warm_up_leaving_no_trace
+from visionroute.training.engine import _load_optimizer_state, build_model
+from visionroute.training.step import EagerStep, GraphedStep, graphable, warm_up_leaving_no_trace
 
 
 def _setup(seed: int = 0):
@@ -68,3 +68,35 @@ def test_only_small_inputs_on_one_gpu_with_adamw_and_no_compile_are_graphed():
     assert not graphable(cuda, 28, "sgd", 1, False)  # momentum starts from the first gradient, not zero
     assert not graphable(cuda, 28, "adamw", 2, False)  # DDP's hooks
     assert not graphable(cuda, 28, "adamw", 1, True)
+
+
+def test_a_step_that_cannot_be_captured_trains_eagerly_and_says_so(capsys, monkeypatch):
+    model, optimiser, loss_fn, x, labels = _setup()
+
+    def refused(self, x, labels):  # what CUDA answers to a host read-back inside a capture
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(GraphedStep, "_capture", refused)
+    step = GraphedStep(model, optimiser, loss_fn, torch.device("cpu"))
+    before = [p.detach().clone() for p in model.parameters()]
+    first = step(x, labels, 1.0)
+    assert "could not be captured as a CUDA graph (operation not permitted" in capsys.readouterr().out
+    assert not step.graphed and step(x, labels, 1.0) < first
+    assert optimiser.param_groups[0]["lr"] == 2e-3 and not optimiser.param_groups[0]["capturable"]
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_a_checkpoint_keeps_its_state_but_not_its_optimizer_implementation():
+    model, *_ = _setup()
+    written = torch.optim.AdamW(model.parameters(), lr=1e-3)  # as on a CPU: neither fused nor capturable
+    F.cross_entropy(model(torch.randn(4, 1, 28, 28)), torch.tensor([0, 1, 0, 1])).backward()
+    written.step()
+    fused = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    _load_optimizer_state(fused, written.state_dict())
+    assert fused.param_groups[0]["fused"] is True
+    parameter = next(model.parameters())
+    assert (
+        fused.state[parameter]["step"].dtype == torch.float32 and float(fused.state[parameter]["step"]) == 1
+    )
+    torch.testing.assert_close(fused.state[parameter]["exp_avg"], written.state[parameter]["exp_avg"])
+    fused.step()  # the fused kernel accepts the state

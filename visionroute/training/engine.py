@@ -66,8 +66,8 @@ class TrainConfig:
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     warmup_epochs: float = 1.0
-    patience: int = 3
-    """Epochs without a better validation accuracy before stopping."""
+    patience: int | None = 3
+    """Epochs without a better validation accuracy before stopping; None: no early stop."""
     freeze_bn_below: int = 5000
     """With fewer training images (and pretrained weights), BatchNorm statistics stay at their pretrained values."""
     augmentation: Augmentation = field(default_factory=Augmentation)
@@ -448,6 +448,24 @@ def _make_optimizer(config: TrainConfig, model: nn.Module, device: torch.device)
     return torch.optim.AdamW(groups, weight_decay=config.weight_decay, **fused)
 
 
+def _load_optimizer_state(optimiser: torch.optim.Optimizer, saved: dict) -> None:
+    """A checkpoint's optimizer state, kept on this run's implementation: `load_state_dict` also restores the
+    saved groups' flags (fused, foreach, capturable), and a checkpoint written on a CPU would turn a GPU run's
+    fused AdamW into the CPU's kind, its step counts left on the host where the fused kernels cannot read them."""
+    own = [
+        {k: group[k] for k in ("fused", "foreach", "capturable") if k in group}
+        for group in optimiser.param_groups
+    ]
+    optimiser.load_state_dict(saved)
+    for group, flags in zip(optimiser.param_groups, own, strict=True):
+        group.update(flags)
+        if group.get("fused") or group.get("capturable"):
+            for parameter in group["params"]:
+                state = optimiser.state.get(parameter, {})
+                if "step" in state:
+                    state["step"] = state["step"].to(device=parameter.device, dtype=torch.float32)
+
+
 def class_weights(labels: np.ndarray, num_classes: int, above: float | None) -> torch.Tensor | None:
     """Inverse-frequency weights (mean 1) when the imbalance ratio exceeds `above`, else None."""
     counts = np.bincount(labels, minlength=num_classes).astype(float)
@@ -574,27 +592,29 @@ def train_epoch(
     )
     together = steps_together(device, feed.rank_batch(), prep.channels, prep.input_size)
     batches = augmented(feed.epoch(order), prep, config.augmentation, augment_generator, together)
-    for index, (x, labels) in enumerate(batches):
-        losses.append(train_step(x, labels, schedule(step)))
-        if average is not None:
-            average.update()
-        step += 1
-        if index < warmup_steps:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            warmup_done_at = time.perf_counter()
-        else:
-            images += len(labels)
-            if device.type == "cpu":  # per-step rates only where reading the clock does not sync a device
-                now = time.perf_counter()
-                rates.append(len(labels) / (now - step_started))
-        step_started = time.perf_counter()
-        bar.update(1)
-        if index % 20 == 0 and device.type == "cpu":
-            bar.set_postfix(loss=f"{losses[-1].item():.3f}")
-        if step >= stop_at or time.perf_counter() > deadline:
-            break
-    batches.close()  # a streaming feed's reader thread stops now, not when the generator is collected
+    try:
+        for index, (x, labels) in enumerate(batches):
+            losses.append(train_step(x, labels, schedule(step)))
+            if average is not None:
+                average.update()
+            step += 1
+            if index < warmup_steps:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                warmup_done_at = time.perf_counter()
+            else:
+                images += len(labels)
+                if device.type == "cpu":  # per-step rates only where reading the clock does not sync a device
+                    now = time.perf_counter()
+                    rates.append(len(labels) / (now - step_started))
+            step_started = time.perf_counter()
+            bar.update(1)
+            if index % 20 == 0 and device.type == "cpu":
+                bar.set_postfix(loss=f"{losses[-1].item():.3f}")
+            if step >= stop_at or time.perf_counter() > deadline:
+                break
+    finally:
+        batches.close()  # a streaming feed's reader thread stops now, also when a step failed
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -754,7 +774,7 @@ def train(
     epoch, step = 0, 0
     if resumed is not None:
         _plain(model).load_state_dict(resumed["model"])
-        optimiser.load_state_dict(resumed["optimizer"])
+        _load_optimizer_state(optimiser, resumed["optimizer"])
         generator.set_state(resumed["generator"])
         augment_generator.set_state(resumed["augment_generator"])
         torch.set_rng_state(resumed["torch_rng"])
@@ -849,7 +869,7 @@ def train(
                 flush=True,
             )
         fit = budget.steps_that_fit()
-        if selection.stale >= config.patience:
+        if config.patience is not None and selection.stale >= config.patience:
             result.stopped = "early_stopping"
         elif step < max_steps and (budget.out_of_time() or fit == 0):
             result.stopped = "budget"
@@ -890,6 +910,7 @@ def train(
         if result.stopped != "max_epochs":
             break
 
+    result.cuda_graph = train_step.graphed  # False where the capture fell back to eager steps
     if selection.best_state is not None:
         _plain(model).load_state_dict(selection.best_state)
     elif average is not None:

@@ -31,6 +31,8 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class EagerStep:
+    graphed = False
+
     def __init__(self, model: nn.Module, optimiser: torch.optim.Optimizer, loss_fn: LossFn):
         self.model, self.optimiser, self.loss_fn = model, optimiser, loss_fn
         for group in optimiser.param_groups:
@@ -52,7 +54,8 @@ class GraphedStep:
     """The same step, captured into a CUDA graph at the first call and replayed after. The warm-up before the
     capture changes nothing: it runs at learning rate 0, and BatchNorm statistics and the optimizer's state
     are put back, so a graphed run trains as the eager one would. A batch of another shape than the first
-    (none on a GPU, which drops a trailing partial batch) steps eagerly on the graph's own gradients."""
+    (none on a GPU, which drops a trailing partial batch) steps eagerly on the graph's own gradients. A step that
+    cannot be captured (a model that reads a value back to the host, say) trains eagerly and says so."""
 
     def __init__(
         self, model: nn.Module, optimiser: torch.optim.Optimizer, loss_fn: LossFn, device: torch.device
@@ -63,12 +66,23 @@ class GraphedStep:
             group["lr"] = torch.tensor(float(group["lr"]), device=device)
             group["capturable"] = True
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.fallback: EagerStep | None = None
+
+    @property
+    def graphed(self) -> bool:
+        return self.graph is not None and self.fallback is None
 
     def __call__(self, x: torch.Tensor, labels: torch.Tensor, lr_factor: float) -> torch.Tensor:
+        if self.fallback is not None:
+            return self.fallback(x, labels, lr_factor)
         for group in self.optimiser.param_groups:
             group["lr"].fill_(group["base_lr"] * lr_factor)
         if self.graph is None:
-            self._capture(x, labels)
+            try:
+                self._capture(x, labels)
+            except RuntimeError as error:
+                self._fall_back(error)
+                return self.fallback(x, labels, lr_factor)
         if x.shape != self.x.shape or labels.shape != self.labels.shape:
             return self._eager(x, labels)
         self.x.copy_(x)
@@ -91,6 +105,21 @@ class GraphedStep:
             self.loss = self.loss_fn(self.x, self.labels)
             self.loss.backward()
             self.optimiser.step()
+
+    def _fall_back(self, error: RuntimeError) -> None:
+        """Eager from here on. The capture ran nothing, and the warm-up had put everything back."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.graph = None
+        self.optimiser.zero_grad(set_to_none=True)  # gradients from the graph's pool
+        for group in self.optimiser.param_groups:
+            group["lr"] = float(group["lr"])
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(
+            f"the training step could not be captured as a CUDA graph ({first_line}); training eagerly",
+            flush=True,
+        )
+        self.fallback = EagerStep(self.model, self.optimiser, self.loss_fn)
 
     def _eager(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = self.loss_fn(x, labels)
