@@ -36,7 +36,7 @@ class EagerStep:
     def __init__(self, model: nn.Module, optimiser: torch.optim.Optimizer, loss_fn: LossFn):
         self.model, self.optimiser, self.loss_fn = model, optimiser, loss_fn
         for group in optimiser.param_groups:
-            if group.get("capturable"):  # resumed from a graphed run's checkpoint (on a CPU it would fail)
+            if group.get("capturable"):  # a GraphedStep whose capture failed hands its optimizer over
                 group["capturable"] = False
 
     def __call__(self, x: torch.Tensor, labels: torch.Tensor, lr_factor: float) -> torch.Tensor:
