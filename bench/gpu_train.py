@@ -76,7 +76,7 @@ def step_attribution(model_name, data, prep, batch: int, device: torch.device, s
     process, timed like the raw loop: where the engine's time over raw goes, without its epoch loop."""
     from visionroute.training.augment import augmented, steps_together
     from visionroute.training.engine import WeightAverage, _make_optimizer, training_loss
-    from visionroute.training.step import GraphedStep
+    from visionroute.training.step import EagerStep, GraphedStep
 
     config = TrainConfig.from_recipe(SCRATCH, model_name)
     classes = int(data.train.y.max()) + 1
@@ -98,45 +98,35 @@ def step_attribution(model_name, data, prep, batch: int, device: torch.device, s
             epoch = feed.epoch(torch.randperm(len(feed)))
             yield from augmented(epoch, prep, config.augmentation, generator, together)
 
-    def run(augment: bool, together: int, engine_loss: bool, averaged: bool) -> float:
+    def plain_loss(x, y):
+        with _autocast(device):
+            return F.cross_entropy(model(x), y)
+
+    def engine_loss(x, y):
+        return training_loss(model, x, y, config, weights)
+
+    def run(augment: bool, together: int, train_step, averaged: bool) -> float:
         source = batches(augment, together)
 
         def step() -> None:
-            x, y = next(source)
-            for group in optimiser.param_groups:
-                group["lr"] = group["base_lr"] * 0.5
-            if engine_loss:
-                loss = training_loss(model, x, y, config, weights)
-            else:
-                with _autocast(device):
-                    loss = F.cross_entropy(model(x), y)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
+            train_step(*next(source), 0.5)
             if averaged:
                 average.update()
 
         return _timed(step, batch, device, steps)
 
     ahead = steps_together(device, batch, prep.channels, prep.input_size)
+    plain, engine = EagerStep(model, optimiser, plain_loss), EagerStep(model, optimiser, engine_loss)
     rates = {
-        "raw step (fixed random batch, plain loss)": run(False, 1, False, False),
-        "+ engine loss (class weights, label smoothing)": run(False, 1, True, False),
-        "+ feed and augmentation, batch by batch": run(True, 1, True, False),
-        f"+ feed and augmentation, {ahead} batches at a time": run(True, ahead, True, False),
-        f"+ weight average (the engine's eager step, {ahead} ahead)": run(True, ahead, True, True),
+        "raw step (fixed random batch, plain loss)": run(False, 1, plain, False),
+        "+ engine loss (class weights, label smoothing)": run(False, 1, engine, False),
+        "+ feed and augmentation, batch by batch": run(True, 1, engine, False),
+        f"+ feed and augmentation, {ahead} batches at a time": run(True, ahead, engine, False),
+        f"+ weight average (the engine's eager step, {ahead} ahead)": run(True, ahead, engine, True),
     }
     if device.type == "cuda":  # last: the graph turns the optimizer's learning rates into tensors
-        graphed = GraphedStep(
-            model, optimiser, lambda x, y: training_loss(model, x, y, config, weights), device
-        )
-        source = batches(True, ahead)
-
-        def step() -> None:
-            graphed(*next(source), 0.5)
-            average.update()
-
-        rates["the same, replayed from a CUDA graph (the engine's step)"] = _timed(step, batch, device, steps)
+        graphed = GraphedStep(model, optimiser, engine_loss, device)
+        rates["the same, replayed from a CUDA graph (the engine's step)"] = run(True, ahead, graphed, True)
     return rates
 
 

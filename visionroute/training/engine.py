@@ -796,15 +796,13 @@ def train(
         trainable = DistributedDataParallel(
             trainable, device_ids=[device.index] if device.type == "cuda" else None
         )
-    result.cuda_graph = config.cuda_graph and graphable(
-        device, prep.input_size, config.optimizer, world, config.compile
-    )
     train_step = make_step(
         trainable,
         optimiser,
         lambda x, labels: training_loss(trainable, x, labels, config, loss_weights),
         device,
-        graphed=result.cuda_graph,
+        graphed=config.cuda_graph
+        and graphable(device, prep.input_size, config.optimizer, world, config.compile),
     )
     train_seconds, trained_images = 0.0, 0
     result.stopped = resumed["stopped"] if resumed is not None else "max_epochs"
