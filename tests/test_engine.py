@@ -475,3 +475,22 @@ def test_a_failed_rank_0_error_reaches_the_flow_as_itself(tmp_path):
         "training in 4 processes failed (torchrun exit code -9)\n" in died and "epoch 3/9\nKilled\n" in died
     )
     assert isinstance(_failure(error, 4, -9, deque()), TrainingProcessesFailed)
+
+
+def test_a_failed_torchrun_error_carries_its_report_not_the_whole_output(tmp_path):
+    """The flow's log already has every line the ranks printed: the error keeps torchrun's report of the failed
+    rank and says where the whole output is."""
+    from collections import deque
+
+    from visionroute.training.launch import _failure
+
+    rule = "=" * 60
+    report = [rule, "visionroute.training.launch FAILED", "-" * 60, "Root Cause (first observed failure):",
+              "[0]:", "  rank      : 1 (local_rank: 1)", "  exitcode  : -9 (pid: 4242)", rule]  # fmt: skip
+    noise = [f"epoch {i}/90  loss 0.5" for i in range(60)] + ["Traceback (most recent call last):", "  ..."]
+    message = str(_failure(tmp_path / "error.json", 2, 1, deque(noise + report, maxlen=100)))
+    assert "\n".join(report) in message and "epoch 5/90" not in message and "Traceback" not in message
+    assert f"(the ranks' whole output: {tmp_path / 'output.log'})" in message
+    # No report (torchrun itself killed): the last 20 lines, not 100.
+    message = str(_failure(tmp_path / "error.json", 2, -9, deque(noise, maxlen=100)))
+    assert "epoch 59/90" in message and "epoch 42/90" in message and "epoch 41/90" not in message

@@ -85,10 +85,12 @@ def test_throttling_is_retried_with_backoff_until_answered(cloud_credentials, im
 
 @pytest.mark.parametrize("kind", ["unavailable", "server_error", "timeout"])
 def test_transient_failures_are_retried(cloud_credentials, images, kind):
-    behaviour = FakeBehaviour(max_batch=1, hang_s=1.0)
+    # The hang outlasts the read timeout threefold, and the timeout leaves the retried request a second to
+    # answer: a 0.3 s timeout could also cut off the retry's honest answer on a loaded machine.
+    behaviour = FakeBehaviour(max_batch=1, hang_s=3.0)
     with RekognitionFake(behaviour) as fake:
         behaviour.fail_next(1, kind)
-        provider = create_provider("aws", ProviderSettings(endpoint=fake.endpoint, timeout_s=0.3))
+        provider = create_provider("aws", ProviderSettings(endpoint=fake.endpoint, timeout_s=1.0))
         stats, rows = run(provider, images[:1])
     assert rows[images[0]]["error"] is None
     assert stats.retries == 1

@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -136,10 +137,27 @@ def _failure(error_file: Path, processes: int, code: int, tail: deque) -> Except
         said = f"; rank 0: {error['type']}: {error['message']}"
     return TrainingProcessesFailed(
         f"training in {processes} processes failed (torchrun exit code {code}){said}\n"
-        "the ranks' last output:\n" + "\n".join(tail) + "\n"
+        + "\n".join(_report(tail))
+        + f"\n(the ranks' whole output: {error_file.parent / 'output.log'})\n"
         "Each finished epoch is checkpointed: running the same task again, with the same number of processes, "
         "resumes from the last one."
     )
+
+
+REPORT_RULE = re.compile(r"^\s*={20,}\s*$")
+REPORT_FALLBACK_LINES = 20
+
+
+def _report(tail: deque) -> list[str]:
+    """What of the ranks' last output goes into the error: torchrun's failure report (the block between its
+    last two rules, which names each failed rank and its exit code) when there is one, else the last lines.
+    The flow's log already holds the whole output, relayed line by line, and Prefect logs a failed flow's
+    error twice (the sub-flow's and the flow's): the 100-line tail made that 300 lines."""
+    lines = list(tail)
+    rules = [i for i, line in enumerate(lines) if REPORT_RULE.match(line)]
+    if len(rules) >= 2:
+        return lines[rules[-2] : rules[-1] + 1]
+    return lines[-REPORT_FALLBACK_LINES:]
 
 
 def _expected_error(module: str, name: str):
