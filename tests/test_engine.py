@@ -265,6 +265,40 @@ def test_probe_then_finetune_learns_and_checkpoints(prepared, tmp_path):
     assert result.stopped in ("max_epochs", "early_stopping")
 
 
+def test_cpu_precision_is_bf16_where_the_cpu_has_amx_or_where_asked(prepared, monkeypatch):
+    _, data = prepared
+    cpu = torch.device("cpu")
+    model = fresh_model()
+    logits = {}
+    try:
+        for setting, expected in (("0", "fp32"), ("1", "bf16")):
+            monkeypatch.setenv(engine.CPU_BF16_ENV, setting)
+            engine.cpu_bf16.cache_clear()
+            assert engine.precision(cpu) == expected
+            with engine._autocast(cpu):
+                assert model.get_classifier()(torch.randn(2, model.num_features)).dtype == (
+                    torch.bfloat16 if expected == "bf16" else torch.float32
+                )
+            logits[expected] = engine.predict_logits(model, data.test.x, data.preprocessing, cpu)
+        # The same predictions either way: bf16 rounds (about 3 significant digits, through 100-odd layers of
+        # an untrained head here), it does not change what the model says.
+        assert torch.equal(logits["bf16"].argmax(1), logits["fp32"].argmax(1))
+        assert (logits["bf16"] - logits["fp32"]).abs().max() <= 0.1 * logits["fp32"].abs().max()
+        monkeypatch.setenv(engine.CPU_BF16_ENV, "yes")
+        engine.cpu_bf16.cache_clear()
+        with pytest.raises(
+            ValueError, match=r"VISIONROUTE_CPU_BF16='yes': use 0 \(fp32\), 1 \(bf16\) or auto"
+        ):
+            engine.cpu_bf16()
+        monkeypatch.setenv(engine.CPU_BF16_ENV, "auto")
+        engine.cpu_bf16.cache_clear()
+        assert engine.cpu_bf16() == bool(torch.cpu.get_capabilities().get("amx_bf16"))
+        result = train(TrainConfig(MODEL, max_epochs=1, budget_seconds=60), model, data)
+        assert result.precision == engine.precision(cpu)
+    finally:
+        engine.cpu_bf16.cache_clear()  # the next test decides afresh, from its own environment
+
+
 @pytest.mark.slow
 def test_same_seed_same_run(prepared):
     _, data = prepared

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import random
@@ -139,6 +140,8 @@ class TrainResult:
     class_weights: list[float] | None = None
     cuda_graph: bool = False
     """Training steps were replayed from a CUDA graph (`TrainConfig.cuda_graph`)."""
+    precision: str = "fp32"
+    """bf16 (autocast) or fp32: see `precision()`."""
     frozen_tensors: int = 0
     """Backbone parameter tensors left at their pretrained values (`TrainConfig.frozen_fraction`)."""
 
@@ -201,13 +204,33 @@ def prepare_data(
     return decode_to_cache(dataset, prep, cache_root, workers=workers)
 
 
+CPU_BF16_ENV = "VISIONROUTE_CPU_BF16"
+
+
+@functools.cache
+def cpu_bf16() -> bool:
+    """bf16 autocast on this CPU: only where it has AMX-BF16 (Intel Xeon 4th generation and later). There,
+    tf_efficientnet_lite2 at 260 px on 2 cores trained 2.2x and evaluated 3-4x as fast as in fp32
+    (bench/RESULTS.md, 2026-12-06); without AMX, bf16 arithmetic is emulated and slower than fp32.
+    VISIONROUTE_CPU_BF16=0 keeps fp32 (=1 forces bf16)."""
+    chosen = os.environ.get(CPU_BF16_ENV, "auto").strip().lower()
+    if chosen in ("0", "1"):
+        return chosen == "1"
+    if chosen != "auto":
+        raise ValueError(
+            f"{CPU_BF16_ENV}={chosen!r}: use 0 (fp32), 1 (bf16) or auto (bf16 where the CPU has AMX)"
+        )
+    capabilities = getattr(torch.cpu, "get_capabilities", dict)()  # torch >= 2.10
+    return bool(capabilities.get("amx_bf16"))
+
+
+def precision(device: torch.device) -> str:
+    """What the model computes in on `device`: bf16 on GPUs and AMX CPUs, else fp32 (logged with the run)."""
+    return "bf16" if device.type == "cuda" or cpu_bf16() else "fp32"
+
+
 def _autocast(device: torch.device):
-    # bf16 autocast on GPU only: CPU autocast is slower than fp32 on the 2-core machines this targets.
-    return (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else torch.autocast("cpu", enabled=False)
-    )
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision(device) == "bf16")
 
 
 @torch.no_grad()
@@ -232,7 +255,9 @@ def predict_logits(
         stored_x = stored_x.numpy()
     for stored in batches_in_order(stored_x, batch_size, device):
         batch = prep.eval_batch(stored)
-        if device.type == "cuda":
+        if device.type == "cuda" or precision(device) == "bf16":
+            # On an AMX CPU too: a channels-last bf16 batch evaluated lite2 1.5-2x as fast as a contiguous one
+            # (training is fastest contiguous there, so only the batch changes layout, not the model).
             batch = batch.contiguous(memory_format=torch.channels_last)
         with _autocast(device):
             out = (
@@ -483,7 +508,7 @@ def training_loss(
     config: TrainConfig,
     loss_weights: torch.Tensor | None,
 ) -> torch.Tensor:
-    """An augmented batch through the model: the training loss (bf16 autocast on a GPU)."""
+    """An augmented batch through the model: the training loss (bf16 autocast on a GPU or an AMX CPU)."""
     if x.device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     with _autocast(x.device):
@@ -701,7 +726,7 @@ def train(
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
-    result = TrainResult(model, prep, device=device.type, batch_size=batch_size)
+    result = TrainResult(model, prep, device=device.type, batch_size=batch_size, precision=precision(device))
     checkpoint = Checkpoint(config.checkpoint_dir) if config.checkpoint_dir else None
     resumed = checkpoint.load(config.resume_key) if checkpoint else None
     _same_resume_on_every_rank(resumed, checkpoint, device)

@@ -171,6 +171,7 @@ def run_training_route(
         tracking.log_metrics(client, run_id, summary)
         client.set_tag(run_id, "visionroute.stopped", result.stopped)
         client.set_tag(run_id, "visionroute.cuda_graph", str(result.cuda_graph).lower())
+        client.set_tag(run_id, "visionroute.precision", result.precision)
         tracking.log_json(
             client,
             run_id,
