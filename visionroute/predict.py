@@ -29,6 +29,7 @@ def predict_paths(
     import mlflow.pytorch
 
     from visionroute.model_registry import load_preprocessing, require_ready
+    from visionroute.training.engine import forward_eval
 
     require_ready(tracking.configure(), model_uri)
     try:
@@ -42,8 +43,8 @@ def predict_paths(
     def flush() -> None:
         if not pending:
             return
-        with torch.no_grad():
-            logits = model(torch.cat([x for _, x in pending]))
+        with torch.no_grad():  # as the model was scored: bf16 on a CPU with AMX (engine.precision)
+            logits = forward_eval(model, torch.cat([x for _, x in pending]))
         probabilities, labels = logits.softmax(-1), prep.decide(logits)  # the validation-chosen threshold too
         for (row, _), p, label in zip(pending, probabilities, labels, strict=True):
             scores, indices = p.topk(min(top_k, len(prep.classes)))
