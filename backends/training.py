@@ -33,11 +33,12 @@ class TrainingBackend:
         from visionroute.data.dataset import native_shape
         from visionroute.training import distributed
         from visionroute.training.catalogue import catalogue_entry
-        from visionroute.training.engine import TrainConfig, build_model
+        from visionroute.training.engine import TrainConfig, build_model, cpu_bf16
         from visionroute.training.launch import train_under_torchrun
         from visionroute.training.tracked import follow_training_route, model_for, run_training_route
         from visionroute.training.weights import hub_allowed, resolve_pretrained
 
+        cpu_bf16()  # a bad VISIONROUTE_CPU_BF16 fails here, in the flow, before any data is decoded
         spec, recipe = context.spec, self.recipe
         model_name = model_for(context, recipe.name, hub=recipe.pretrained and hub_allowed())
         classes = len(context.dataset.classes)

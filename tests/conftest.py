@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,10 @@ def isolated_state(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("VISIONROUTE_PRICES", raising=False)
     monkeypatch.delenv("VISIONROUTE_ALLOW_HUB", raising=False)
+    monkeypatch.delenv("VISIONROUTE_CPU_BF16", raising=False)
+    engine = sys.modules.get("visionroute.training.engine")
+    if engine is not None:  # the CPU's precision is decided afresh from this test's environment
+        engine.cpu_bf16.cache_clear()
     return tmp_path / "state"
 
 

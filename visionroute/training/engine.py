@@ -209,9 +209,10 @@ CPU_BF16_ENV = "VISIONROUTE_CPU_BF16"
 
 @functools.cache
 def cpu_bf16() -> bool:
-    """bf16 autocast on this CPU: only where it has AMX-BF16 (Intel Xeon 4th generation and later). There,
-    tf_efficientnet_lite2 at 260 px on 2 cores trained 2.2x and evaluated 3-4x as fast as in fp32
-    (bench/RESULTS.md, 2026-12-06); without AMX, bf16 arithmetic is emulated and slower than fp32.
+    """bf16 autocast on this CPU: only where it has AMX-BF16 (Intel Xeon 4th generation and later). There, a
+    training step of tf_efficientnet_lite2 at 260 px on 2 cores ran 2.2x and evaluation 3-4x as fast as in fp32
+    (the engine's whole step, augmentation included: 1.3x; bench/RESULTS.md, 2026-12-06). Elsewhere fp32:
+    without AMX's bf16 matrix units (emulated, or AVX512-BF16 alone) the gain is unmeasured or a loss.
     VISIONROUTE_CPU_BF16=0 keeps fp32 (=1 forces bf16)."""
     chosen = os.environ.get(CPU_BF16_ENV, "auto").strip().lower()
     if chosen in ("0", "1"):
@@ -260,6 +261,7 @@ def predict_logits(
     return torch.cat(outputs) if outputs else torch.zeros(0)
 
 
+@torch.no_grad()
 def forward_eval(model: nn.Module, batch: torch.Tensor, features: bool = False) -> torch.Tensor:
     """float32 logits (or pooled pre-logit features) for a normalised batch, computed as evaluation and
     prediction both compute them, so that a registered model labels images as it was scored."""

@@ -235,6 +235,13 @@ def follow_spec(spec_path: str, prices_path: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # torchrun's failure report then carries each failed rank's traceback (the error keeps only that report).
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(_main)(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="visionroute.training.launch")
     parser.add_argument("spec", nargs="?", help="another node's ranks: the task spec they plan themselves")
     parser.add_argument("--context", type=Path, help="ranks started by the flow: the context it planned")
