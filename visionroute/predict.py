@@ -43,8 +43,8 @@ def predict_paths(
     def flush() -> None:
         if not pending:
             return
-        with torch.no_grad():  # as the model was scored: bf16 on a CPU with AMX (engine.precision)
-            logits = forward_eval(model, torch.cat([x for _, x in pending]))
+        # As the model was scored (no_grad, and bf16 on a CPU with AMX: engine.precision).
+        logits = forward_eval(model, torch.cat([x for _, x in pending]))
         probabilities, labels = logits.softmax(-1), prep.decide(logits)  # the validation-chosen threshold too
         for (row, _), p, label in zip(pending, probabilities, labels, strict=True):
             scores, indices = p.topk(min(top_k, len(prep.classes)))
