@@ -43,7 +43,7 @@ def predict_paths(
     def flush() -> None:
         if not pending:
             return
-        # As the model was scored (no_grad, and bf16 on a CPU with AMX: engine.precision).
+        # As the model was scored (no_grad, and bf16 on a CPU with bf16 instructions: engine.precision).
         logits = forward_eval(model, torch.cat([x for _, x in pending]))
         probabilities, labels = logits.softmax(-1), prep.decide(logits)  # the validation-chosen threshold too
         for (row, _), p, label in zip(pending, probabilities, labels, strict=True):

@@ -209,24 +209,27 @@ CPU_BF16_ENV = "VISIONROUTE_CPU_BF16"
 
 @functools.cache
 def cpu_bf16() -> bool:
-    """bf16 autocast on this CPU: only where it has AMX-BF16 (Intel Xeon 4th generation and later). There, a
-    training step of tf_efficientnet_lite2 at 260 px on 2 cores ran 2.2x and evaluation 3-4x as fast as in fp32
-    (the engine's whole step, augmentation included: 1.3x; bench/RESULTS.md, 2026-12-06). Elsewhere fp32:
-    without AMX's bf16 matrix units (emulated, or AVX512-BF16 alone) the gain is unmeasured or a loss.
+    """bf16 autocast on this CPU: where it has bf16 matrix instructions, AMX-BF16 (Intel Xeon 4th generation
+    and later) or AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake). On 2 cores, against fp32: with AMX, a
+    training step of tf_efficientnet_lite2 at 260 px ran 2.2x and evaluation 3-4x as fast (the engine's whole
+    step, augmentation included: 1.3x); on an AMD EPYC with AVX512-BF16, the engine's step 1.4x and evaluation
+    4.5-5x (bench/RESULTS.md, 2026-12-06 and 2026-12-07). Elsewhere fp32: bf16 emulated in software is slower.
     VISIONROUTE_CPU_BF16=0 keeps fp32 (=1 forces bf16)."""
     chosen = os.environ.get(CPU_BF16_ENV, "auto").strip().lower()
     if chosen in ("0", "1"):
         return chosen == "1"
     if chosen != "auto":
         raise ValueError(
-            f"{CPU_BF16_ENV}={chosen!r}: use 0 (fp32), 1 (bf16) or auto (bf16 where the CPU has AMX)"
+            f"{CPU_BF16_ENV}={chosen!r}: use 0 (fp32), 1 (bf16) or auto (bf16 where the CPU has AMX-BF16 or "
+            "AVX512-BF16)"
         )
     capabilities = getattr(torch.cpu, "get_capabilities", dict)()  # torch >= 2.10
-    return bool(capabilities.get("amx_bf16"))
+    return bool(capabilities.get("amx_bf16") or capabilities.get("avx512_bf16"))
 
 
 def precision(device: torch.device) -> str:
-    """What the model computes in on `device`: bf16 on GPUs and AMX CPUs, else fp32 (logged with the run)."""
+    """What the model computes in on `device`: bf16 on GPUs and on CPUs with bf16 instructions (`cpu_bf16`),
+    else fp32 (logged with the run)."""
     return "bf16" if device.type == "cuda" or cpu_bf16() else "fp32"
 
 
@@ -268,9 +271,9 @@ def forward_eval(model: nn.Module, batch: torch.Tensor, features: bool = False) 
     if batch.device.type == "cuda" or (
         precision(batch.device) == "bf16" and batch.shape[-1] > SMALL_INPUT_MAX
     ):
-        # On an AMX CPU too: a channels-last bf16 batch evaluated lite2 1.5-2x as fast as a contiguous one
-        # (training is fastest contiguous there, so only the batch changes layout, not the model); at 28 px
-        # channels-last was slower.
+        # On a bf16 CPU too: a channels-last bf16 batch evaluated lite2 1.5-2x as fast as a contiguous one with
+        # AMX, 1.4-1.7x with AVX512-BF16 (training is fastest contiguous there, so only the batch changes layout,
+        # not the model); at 28 px channels-last was slower (AMX) or no faster (AVX512-BF16).
         batch = batch.contiguous(memory_format=torch.channels_last)
     with _autocast(batch.device):
         out = model.forward_head(model.forward_features(batch), pre_logits=True) if features else model(batch)
@@ -514,7 +517,7 @@ def training_loss(
     config: TrainConfig,
     loss_weights: torch.Tensor | None,
 ) -> torch.Tensor:
-    """An augmented batch through the model: the training loss (bf16 autocast on a GPU or an AMX CPU)."""
+    """An augmented batch through the model: the training loss (bf16 autocast on a GPU or a bf16 CPU)."""
     if x.device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     with _autocast(x.device):
