@@ -379,6 +379,36 @@ def test_a_label_map_under_privacy_says_it_is_not_used():
     assert any("label_map is not used" in w for w in decision.warnings)
 
 
+@pytest.mark.parametrize(
+    "budget_minutes, gpu, cpu_bf16, expected",
+    [
+        # 240 images, three epochs in 80% of the budget: lite2 (9 img/s fp32, 12 bf16) needs 80 s / 60 s.
+        (1.0, False, False, "tf_efficientnet_lite0"),
+        (1.5, False, False, "tf_efficientnet_lite1"),
+        (1.5, False, True, "tf_efficientnet_lite2"),  # a bf16 CPU trains faster: the larger model fits
+        (2.0, False, False, "tf_efficientnet_lite2"),
+        (0.1, False, True, "tf_efficientnet_lite0"),  # nothing fits: the smallest, not nothing
+        (0.1, True, False, "tf_efficientnet_lite2"),  # a GPU trains 240 images in seconds
+    ],
+)
+def test_the_auto_model_is_the_largest_that_fits_the_budget_on_the_device_that_trains(
+    budget_minutes, gpu, cpu_bf16, expected
+):
+    task = spec(domain="natural", training={"model": "auto", "budget_minutes": budget_minutes})
+    decision = decide(task, two_classes(240), PRICES, gpu=gpu, cpu_bf16=cpu_bf16)
+    assert (decision.route, decision.model) == ("finetune", expected)
+    assert decision.costs["finetune"]["model"] == expected  # the model priced is the model trained
+
+
+def test_small_native_inputs_choose_the_small_input_cnn_for_scratch():
+    from visionroute.training.catalogue import choose_model
+
+    for gpu, cpu_bf16 in ((False, False), (False, True), (True, False)):
+        assert choose_model("scratch", 50_000, 5, gpu=gpu, hub=False, native_size=28, cpu_bf16=cpu_bf16) == (
+            "resnet18_small"
+        )
+
+
 def test_flows_folder_holds_prefect_flows_only():
     from pathlib import Path
 

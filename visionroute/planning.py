@@ -89,7 +89,8 @@ def plan(
         measured = measure(dataset, seed=spec.training.seed).to_dict()
         summary = replace(summary, domain_measurement=measured)
     # The flow trains on this machine: its decision picks the model for this device (`decide` plans for a GPU).
-    decision = decide(spec, summary, load_prices(prices_path), gpu=_has_gpu() if check_images else True)
+    gpu = _has_gpu() if check_images else True
+    decision = decide(spec, summary, load_prices(prices_path), gpu=gpu, cpu_bf16=not gpu and _cpu_bf16())
     if report is not None:
         decision.warnings += report.warnings
         decision.evaluation = evaluation
@@ -156,3 +157,9 @@ def _has_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _cpu_bf16() -> bool:
+    from visionroute.training.engine import cpu_bf16
+
+    return cpu_bf16()

@@ -76,16 +76,17 @@ class _Verdict:
     warnings: list[str] = field(default_factory=list)
 
 
-def _models(spec: TaskSpec, examples: int, native_size: int, gpu: bool) -> tuple[str, str]:
+def _models(spec: TaskSpec, examples: int, native_size: int, gpu: bool, cpu_bf16: bool) -> tuple[str, str]:
     """(finetune model, scratch model): the named one, else the auto choice for the device that will train.
     This is the model the training route trains (it is priced and trained from one choice)."""
     if spec.training.model != "auto":
         return spec.training.model, spec.training.model
     budget = spec.training.budget_minutes
     hub = False  # nothing is downloaded at run time unless VISIONROUTE_ALLOW_HUB: price what can be trained
+    device = {"gpu": gpu, "cpu_bf16": cpu_bf16}
     return (
-        choose_model("finetune", examples, budget, gpu=gpu, hub=hub, native_size=native_size),
-        choose_model("scratch", examples, budget, gpu=gpu, hub=hub, native_size=native_size),
+        choose_model("finetune", examples, budget, hub=hub, native_size=native_size, **device),
+        choose_model("scratch", examples, budget, hub=hub, native_size=native_size, **device),
     )
 
 
@@ -459,17 +460,19 @@ def decide(
     policy: Policy = DEFAULT_POLICY,
     *,
     gpu: bool = True,
+    cpu_bf16: bool = False,
 ) -> Decision:
     """Choose the route for `spec`. Raises CannotDecide when no route can serve it.
 
-    `gpu`: whether the training will run on a GPU (the flow knows; `visionroute decide` plans for one)."""
+    `gpu`: whether the training will run on a GPU (the flow knows; `visionroute decide` plans for one);
+    `cpu_bf16`: else, whether the CPU trains in bf16 (faster: larger models fit the budget)."""
     from visionroute.decision.costs import load_prices  # reads the bundled file once, then cached
 
     prices = prices or load_prices()
     declared = spec.data.labeled_examples if spec.data else None
     summary = summary or DataSummary(labeled_examples=declared or 0)
     examples = summary.labeled_examples
-    finetune_model, scratch_model = _models(spec, examples, summary.native_size, gpu)
+    finetune_model, scratch_model = _models(spec, examples, summary.native_size, gpu, cpu_bf16)
     costs = route_costs(
         prices,
         spec.task,

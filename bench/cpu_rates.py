@@ -1,0 +1,87 @@
+"""The catalogue's CPU planning rates: a whole-network training step per model, in fp32 and in bf16 autocast.
+
+    python bench/cpu_rates.py [--models tf_efficientnet_lite0,tf_efficientnet_lite2] [--batch 8] [--steps 8]
+
+`model: auto` picks the largest model whose three epochs fit the budget at `cpu_train_images_per_s` (fp32) or,
+on CPUs with bf16 instructions, `cpu_bf16_train_images_per_s` (visionroute/training/catalogue.py). This measures both the way
+the engine trains on a CPU: batch 8, every parameter trained, the model's native input size, AdamW, median step
+throughput (single steps on a shared machine occasionally stall 10x). Each precision is timed twice, in
+alternating order, and the slower of the two kept: planning figures should not be a good moment's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from visionroute.training.catalogue import CATALOGUE
+from visionroute.training.engine import build_model
+
+
+def step_rate(model_name: str, batch: int, steps: int, bf16: bool) -> float:
+    entry = CATALOGUE[model_name]
+    channels = 1 if entry.small_input else 3  # the small-input model is for 28 px grey data
+    model = build_model(model_name, num_classes=2, in_chans=channels).train()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, channels, entry.input_size, entry.input_size)
+    y = torch.randint(0, 2, (batch,))
+    rates = []
+    for step in range(steps + 1):
+        started = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x), y)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if step:  # the first step pays one-off set-up
+            rates.append(batch / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(CATALOGUE), help="comma-separated catalogue names")
+    parser.add_argument("--batch", type=int, default=8, help="the engine's CPU batch size")
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args()
+    unknown = [name for name in args.models.split(",") if name not in CATALOGUE]
+    if unknown:
+        raise SystemExit(f"not in the catalogue: {', '.join(unknown)}; use some of {', '.join(CATALOGUE)}")
+    rows = []
+    for name in args.models.split(","):
+        fp32, bf16 = [], []
+        for bf16_first in (False, True):
+            for use_bf16 in (bf16_first, not bf16_first):
+                (bf16 if use_bf16 else fp32).append(step_rate(name, args.batch, args.steps, use_bf16))
+        row = {
+            "model": name,
+            "fp32_images_per_s": [round(r, 1) for r in fp32],
+            "bf16_images_per_s": [round(r, 1) for r in bf16],
+            "planning_fp32": round(min(fp32), 1),
+            "planning_bf16": round(min(bf16), 1),
+            "catalogue_fp32": CATALOGUE[name].cpu_train_images_per_s,
+            "catalogue_bf16": CATALOGUE[name].cpu_bf16_train_images_per_s,
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    capabilities = getattr(torch.cpu, "get_capabilities", dict)()
+    machine = {
+        "machine": platform.machine(),
+        "cpu": capabilities.get("cpu_name", ""),
+        "threads": torch.get_num_threads(),
+        "amx_bf16": bool(capabilities.get("amx_bf16")),
+        "avx512_bf16": bool(capabilities.get("avx512_bf16")),
+        "batch": args.batch,
+        "torch": torch.__version__,
+    }
+    print(json.dumps({"machine": machine, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
