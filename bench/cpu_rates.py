@@ -1,6 +1,7 @@
 """The catalogue's CPU planning rates: a whole-network training step per model, in fp32 and in bf16 autocast.
 
     python bench/cpu_rates.py [--models tf_efficientnet_lite0,tf_efficientnet_lite2] [--batch 8] [--steps 8]
+        [--threads 2]
 
 `model: auto` picks the largest model whose three epochs fit the budget at `cpu_train_images_per_s` (fp32) or,
 on CPUs with bf16 instructions, `cpu_bf16_train_images_per_s` (visionroute/training/catalogue.py). This measures both the way
@@ -44,17 +45,33 @@ def step_rate(model_name: str, batch: int, steps: int, bf16: bool) -> float:
     return statistics.median(rates)
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be 1 or more")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(CATALOGUE), help="comma-separated catalogue names")
-    parser.add_argument("--batch", type=int, default=8, help="the engine's CPU batch size")
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch", type=positive, default=8, help="the engine's CPU batch size")
+    parser.add_argument("--steps", type=positive, default=8, help="timed steps per measurement")
+    parser.add_argument(
+        "--threads",
+        type=positive,
+        default=2,
+        help="intra-op threads: the catalogue's figures are for 2 cores",
+    )
     args = parser.parse_args()
-    unknown = [name for name in args.models.split(",") if name not in CATALOGUE]
-    if unknown:
-        raise SystemExit(f"not in the catalogue: {', '.join(unknown)}; use some of {', '.join(CATALOGUE)}")
+    models = [name.strip() for name in args.models.split(",") if name.strip()]
+    unknown = [name for name in models if name not in CATALOGUE]
+    if unknown or not models:
+        named = f"not in the catalogue: {', '.join(unknown)}" if unknown else "no model named"
+        raise SystemExit(f"--models {args.models!r}: {named}; use some of {', '.join(CATALOGUE)}")
+    torch.set_num_threads(args.threads)
     rows = []
-    for name in args.models.split(","):
+    for name in models:
         fp32, bf16 = [], []
         for bf16_first in (False, True):
             for use_bf16 in (bf16_first, not bf16_first):
@@ -79,6 +96,7 @@ def main() -> None:
         "avx512_bf16": bool(capabilities.get("avx512_bf16")),
         "batch": args.batch,
         "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
     }
     print(json.dumps({"machine": machine, "rows": rows}, indent=2))
 

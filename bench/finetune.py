@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import json
 import platform
 import resource
@@ -62,14 +63,37 @@ def raw_images_per_s(
     return statistics.median(rates)
 
 
+SETTABLE = tuple(
+    f.name for f in dataclasses.fields(FINETUNE) if f.name not in ("name", "max_epochs", "augmentation")
+)
+"""Recipe fields `--set` may override (max_epochs has --epochs; augmentation is not a literal)."""
+ANNOTATIONS = {f.name: str(f.type) for f in dataclasses.fields(FINETUNE)}
+
+
 def recipe_overrides(assignments: list[str]) -> dict:
-    """`--set FIELD=VALUE` pairs as TrainConfig overrides; a field the recipe does not have is an error."""
+    """`--set FIELD=VALUE` pairs as TrainConfig overrides, checked before anything is timed or decoded."""
     overrides = {}
     for assignment in assignments:
-        name, _, value = assignment.partition("=")
-        if not hasattr(FINETUNE, name) or not value:
-            raise SystemExit(f"--set {assignment}: expected FIELD=VALUE with a field of the fine-tune recipe")
-        overrides[name] = ast.literal_eval(value)
+        name, _, text = assignment.partition("=")
+        if name not in SETTABLE or not text:
+            raise SystemExit(f"--set {assignment}: expected FIELD=VALUE, FIELD one of {', '.join(SETTABLE)}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare word: optimizer=sgd
+        default = getattr(FINETUNE, name)
+        if isinstance(default, bool):
+            allowed: tuple[type, ...] = (bool,)
+        elif default is None or isinstance(default, float):
+            allowed = (int, float)
+        else:
+            allowed = (type(default),)
+        if "None" in ANNOTATIONS[name]:  # patience, average_epochs, class_weighted_above
+            allowed += (type(None),)
+        if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+            expected = " or ".join(t.__name__ for t in allowed)
+            raise SystemExit(f"--set {assignment}: {name} takes {expected}, not {type(value).__name__}")
+        overrides[name] = value
     return overrides
 
 

@@ -265,6 +265,41 @@ def test_probe_then_finetune_learns_and_checkpoints(prepared, tmp_path):
     assert result.stopped in ("max_epochs", "early_stopping")
 
 
+def test_training_is_planned_for_bf16_only_where_the_cpu_computes_in_it_with_bf16_instructions(monkeypatch):
+    monkeypatch.setattr(engine, "pick_device", lambda: torch.device("cpu"))
+    for setting, instructions, planned in (
+        ("auto", True, "cpu_bf16"),
+        ("auto", False, "cpu"),
+        ("0", True, "cpu"),
+        ("1", False, "cpu"),  # forced bf16 without the instructions: not known to be faster, planned as fp32
+    ):
+        monkeypatch.setenv(engine.CPU_BF16_ENV, setting)
+        monkeypatch.setattr(engine, "bf16_instructions", lambda instructions=instructions: instructions)
+        engine.cpu_bf16.cache_clear()
+        assert engine.training_device() == planned, (setting, instructions)
+    monkeypatch.setattr(engine, "pick_device", lambda: torch.device("cuda"))
+    assert engine.training_device() == "gpu"
+
+
+def test_the_flow_decides_the_model_for_the_device_it_trains_on(tmp_path, monkeypatch):
+    from conftest import write_spec
+
+    from visionroute.planning import plan
+
+    make_dataset(tmp_path / "data", per_class=10)
+    spec = write_spec(
+        tmp_path / "t.yaml",
+        "name: t\ntask: classify\ndata: {path: ./data}\ndomain: natural\ntraining: {budget_minutes: 0.12}\n",
+    )
+    # 20 images, three epochs in 5.8 s: lite2 on a GPU (what `visionroute decide` plans for) or a bf16 CPU,
+    # lite1 on an fp32 CPU.
+    assert plan(str(spec)).decision.model == "tf_efficientnet_lite2"
+    monkeypatch.setattr(engine, "training_device", lambda: "cpu")
+    planned = plan(str(spec), check_images=True)
+    assert (planned.device, planned.decision.model) == ("cpu", "tf_efficientnet_lite1")
+    assert planned.decision.inputs["training_device"] == "cpu"
+
+
 @pytest.mark.slow
 def test_cpu_precision_is_bf16_where_the_cpu_has_bf16_instructions_or_where_asked(prepared, monkeypatch):
     _, data = prepared

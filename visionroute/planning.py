@@ -28,6 +28,8 @@ class Plan:
     summary: DataSummary
     decision: Decision
     validation: ValidationReport | None = None
+    device: str = "gpu"
+    """What the decision planned training for (catalogue.TRAINING_DEVICES); an escalation plans for it too."""
 
 
 def read_data(spec: TaskSpec) -> tuple[ImageDataset | None, DataSummary]:
@@ -89,8 +91,8 @@ def plan(
         measured = measure(dataset, seed=spec.training.seed).to_dict()
         summary = replace(summary, domain_measurement=measured)
     # The flow trains on this machine: its decision picks the model for this device (`decide` plans for a GPU).
-    gpu = _has_gpu() if check_images else True
-    decision = decide(spec, summary, load_prices(prices_path), gpu=gpu, cpu_bf16=not gpu and _cpu_bf16())
+    device = _training_device() if check_images else "gpu"
+    decision = decide(spec, summary, load_prices(prices_path), device=device)
     if report is not None:
         decision.warnings += report.warnings
         decision.evaluation = evaluation
@@ -117,7 +119,7 @@ def plan(
         decision.warnings.append(
             f"{len(dataset.skipped)} file(s) in the data folder will be skipped (listed in skipped.json)"
         )
-    return Plan(spec, dataset, summary, decision, report)
+    return Plan(spec, dataset, summary, decision, report, device)
 
 
 def evaluation_plan(dataset: ImageDataset, report: ValidationReport, given: bool, leakage: str) -> dict:
@@ -153,13 +155,7 @@ def evaluation_plan(dataset: ImageDataset, report: ValidationReport, given: bool
 __all__ = ["DatasetError", "Plan", "plan", "read_data"]
 
 
-def _has_gpu() -> bool:
-    import torch
+def _training_device() -> str:
+    from visionroute.training.engine import training_device
 
-    return torch.cuda.is_available()
-
-
-def _cpu_bf16() -> bool:
-    from visionroute.training.engine import cpu_bf16
-
-    return cpu_bf16()
+    return training_device()

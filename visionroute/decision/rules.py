@@ -76,17 +76,16 @@ class _Verdict:
     warnings: list[str] = field(default_factory=list)
 
 
-def _models(spec: TaskSpec, examples: int, native_size: int, gpu: bool, cpu_bf16: bool) -> tuple[str, str]:
+def _models(spec: TaskSpec, examples: int, native_size: int, device: str) -> tuple[str, str]:
     """(finetune model, scratch model): the named one, else the auto choice for the device that will train.
     This is the model the training route trains (it is priced and trained from one choice)."""
     if spec.training.model != "auto":
         return spec.training.model, spec.training.model
     budget = spec.training.budget_minutes
     hub = False  # nothing is downloaded at run time unless VISIONROUTE_ALLOW_HUB: price what can be trained
-    device = {"gpu": gpu, "cpu_bf16": cpu_bf16}
     return (
-        choose_model("finetune", examples, budget, hub=hub, native_size=native_size, **device),
-        choose_model("scratch", examples, budget, hub=hub, native_size=native_size, **device),
+        choose_model("finetune", examples, budget, device=device, hub=hub, native_size=native_size),
+        choose_model("scratch", examples, budget, device=device, hub=hub, native_size=native_size),
     )
 
 
@@ -424,6 +423,8 @@ def escalate(
     summary: DataSummary,
     prices: Prices,
     policy: Policy = DEFAULT_POLICY,
+    *,
+    device: str = "gpu",
 ) -> Decision:
     """The decision after a Vision API missed `vision_api.target_accuracy` in the fit test: the route the
     rules give without the label_map (a trained model), with the fit figures recorded as the reason."""
@@ -433,7 +434,7 @@ def escalate(
             "vision_api": spec.vision_api.model_copy(update={"label_map": None, "target_accuracy": None}),
         }
     )
-    trained = decide(without_map, summary, prices, policy)
+    trained = decide(without_map, summary, prices, policy, device=device)
     trained.auto_rule = trained.rule
     trained.rule = f"escalated-{trained.route}"
     trained.reasons = [
@@ -459,20 +460,19 @@ def decide(
     prices: Prices | None = None,
     policy: Policy = DEFAULT_POLICY,
     *,
-    gpu: bool = True,
-    cpu_bf16: bool = False,
+    device: str = "gpu",
 ) -> Decision:
     """Choose the route for `spec`. Raises CannotDecide when no route can serve it.
 
-    `gpu`: whether the training will run on a GPU (the flow knows; `visionroute decide` plans for one);
-    `cpu_bf16`: else, whether the CPU trains in bf16 (faster: larger models fit the budget)."""
+    `device`: what the training will run on, one of catalogue.TRAINING_DEVICES: the flow knows (a CPU that
+    trains in bf16 fits larger models in a budget than one in fp32); `visionroute decide` plans for a GPU."""
     from visionroute.decision.costs import load_prices  # reads the bundled file once, then cached
 
     prices = prices or load_prices()
     declared = spec.data.labeled_examples if spec.data else None
     summary = summary or DataSummary(labeled_examples=declared or 0)
     examples = summary.labeled_examples
-    finetune_model, scratch_model = _models(spec, examples, summary.native_size, gpu, cpu_bf16)
+    finetune_model, scratch_model = _models(spec, examples, summary.native_size, device)
     costs = route_costs(
         prices,
         spec.task,
@@ -575,5 +575,6 @@ def decide(
             "monthly_volume": spec.constraints.monthly_volume,
             "external_api_allowed": spec.constraints.external_api_allowed,
             "proven_need": spec.constraints.proven_need,
+            "training_device": device,  # what the auto model choice planned for
         },
     )

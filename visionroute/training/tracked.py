@@ -20,7 +20,13 @@ from visionroute.data.validation import leaked_test_images
 from visionroute.training import distributed
 from visionroute.training.cache import cache_key
 from visionroute.training.catalogue import catalogue_entry, choose_model
-from visionroute.training.engine import TrainConfig, cpu_bf16, evaluate, pick_device, prepare_data, train
+from visionroute.training.engine import (
+    TrainConfig,
+    evaluate,
+    prepare_data,
+    train,
+    training_device,
+)
 from visionroute.training.metrics import format_accuracy, plot_confusion_matrix
 from visionroute.training.preprocessing import Preprocessing
 from visionroute.training.weights import PretrainedWeights, load_pretrained
@@ -42,15 +48,7 @@ def model_for(context: BackendContext, route: str, hub: bool) -> str:
         name = context.decision.model  # the model the decision named and priced is the model trained
     elif name == "auto":
         examples = len(context.dataset.samples) if context.dataset else 0
-        on_gpu = pick_device().type == "cuda"
-        name = choose_model(
-            route,
-            examples,
-            spec.training.budget_minutes,
-            gpu=on_gpu,
-            hub=hub,
-            cpu_bf16=not on_gpu and cpu_bf16(),
-        )
+        name = choose_model(route, examples, spec.training.budget_minutes, device=training_device(), hub=hub)
     catalogue_entry(name)  # a clear error for a name outside the catalogue
     return name
 
