@@ -414,9 +414,22 @@ def test_an_escalation_plans_for_the_device_the_first_decision_planned_for():
         assert (escalated.route, escalated.model) == ("finetune", model)
 
 
-def test_an_unknown_training_device_is_a_clear_error():
-    with pytest.raises(ValueError, match="training device 'tpu': use one of gpu, cpu_bf16, cpu"):
-        decide(spec(domain="natural"), two_classes(240), PRICES, device="tpu")
+def test_an_unknown_training_device_is_a_clear_error_whatever_the_model():
+    for training in ({"model": "auto"}, {"model": "resnet18"}):
+        with pytest.raises(ValueError, match="training device 'tpu': use one of gpu, cpu_bf16, cpu"):
+            decide(spec(domain="natural", training=training), two_classes(240), PRICES, device="tpu")
+
+
+def test_small_native_inputs_train_the_small_input_cnn_from_scratch_on_any_device_and_budget():
+    from visionroute.training.catalogue import choose_model
+
+    for device in ("gpu", "cpu_bf16", "cpu"):
+        for budget in (0.1, 600):
+            chosen = {
+                size: choose_model("scratch", 50_000, budget, device=device, hub=False, native_size=size)
+                for size in (28, 64, 65, 0)
+            }
+            assert chosen == {28: "resnet18_small", 64: "resnet18_small", 65: "resnet18", 0: "resnet18"}
 
 
 def test_flows_folder_holds_prefect_flows_only():

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from visionroute.decision.costs import Prices, cheapest_provider, route_costs, self_hosted_monthly
 from visionroute.decision.policy import DEFAULT_POLICY, Policy
 from visionroute.spec import Domain, Route, Task, TaskSpec
-from visionroute.training.catalogue import choose_model
+from visionroute.training.catalogue import check_training_device, choose_model
 
 LOCAL_PROVIDER = "local"
 LOCAL_TASKS = frozenset({Task.tag, Task.ocr})
@@ -469,6 +469,7 @@ def decide(
     from visionroute.decision.costs import load_prices  # reads the bundled file once, then cached
 
     prices = prices or load_prices()
+    check_training_device(device)
     declared = spec.data.labeled_examples if spec.data else None
     summary = summary or DataSummary(labeled_examples=declared or 0)
     examples = summary.labeled_examples

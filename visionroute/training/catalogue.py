@@ -3,7 +3,7 @@
 Throughputs are planning figures (images/s): T4 ones are estimates for mixed precision at the model's native
 size; CPU ones are a whole-network training step on 2 cores at the engine's batch of 8, in fp32 and in bf16
 autocast (`bench/cpu_rates.py`, the slower of two timings rounded down, on an AMD EPYC with AVX512-BF16,
-2026-12-07; the EfficientNet-Lites' fp32 figures are the lower of that and an earlier Intel measurement at
+2026-12-07, the lower of two runs; the EfficientNet-Lites' fp32 figures are the lower of that and an earlier Intel measurement at
 batch 16). On small data the engine trains half the backbone, so these are conservative there. Pure data: no torch.
 """
 
@@ -58,7 +58,7 @@ CATALOGUE: dict[str, CatalogueEntry] = {
         CatalogueEntry(
             "resnet18", 224, 11.7, None,
             t4_train_images_per_s=1100, t4_infer_images_per_s=3600,
-            cpu_train_images_per_s=23, cpu_bf16_train_images_per_s=37,
+            cpu_train_images_per_s=23, cpu_bf16_train_images_per_s=36,
         ),
         CatalogueEntry(
             "resnet50", 224, 25.6, None,
@@ -93,16 +93,19 @@ TRAINING_DEVICES = ("gpu", "cpu_bf16", "cpu")
 """What a training run is planned for: a GPU, a CPU that trains in bf16 (it has bf16 instructions), or in fp32."""
 
 
+def check_training_device(device: str) -> str:
+    if device not in TRAINING_DEVICES:
+        raise ValueError(f"training device {device!r}: use one of {', '.join(TRAINING_DEVICES)}")
+    return device
+
+
 def training_rate(entry: CatalogueEntry, device: str) -> float:
     """The planning rate (training images/s) of `entry` on `device`, one of TRAINING_DEVICES."""
-    rates = {
+    return {
         "gpu": entry.t4_train_images_per_s,
         "cpu_bf16": entry.cpu_bf16_train_images_per_s,
         "cpu": entry.cpu_train_images_per_s,
-    }
-    if device not in rates:
-        raise ValueError(f"training device {device!r}: use one of {', '.join(TRAINING_DEVICES)}")
-    return rates[device]
+    }[check_training_device(device)]
 
 
 def choose_model(
