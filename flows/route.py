@@ -210,7 +210,7 @@ def fit_test_task(result: Plan, parent_run_id: str, prices_path: str | None) -> 
     client.log_metric(parent_run_id, "fit_accuracy", fit["accuracy"])
     if fit["accuracy"] >= spec.vision_api.target_accuracy:
         return result
-    escalated = escalate(decision, fit, spec, result.summary, prices, device=result.device)
+    escalated = escalate(decision, fit, spec, result.summary, prices)
     logger.warning("escalating: %s", escalated.reasons[0])
     for key, value in {
         "visionroute.route": escalated.route,

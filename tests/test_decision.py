@@ -408,9 +408,7 @@ def test_an_escalation_plans_for_the_device_the_first_decision_planned_for():
     summary = two_classes(240)
     fit = {"provider": "google", "accuracy": 0.2, "images": 50}
     for device, model in (("cpu", "tf_efficientnet_lite0"), ("gpu", "tf_efficientnet_lite2")):
-        escalated = escalate(
-            decide(forced, summary, PRICES, device=device), fit, forced, summary, PRICES, device=device
-        )
+        escalated = escalate(decide(forced, summary, PRICES, device=device), fit, forced, summary, PRICES)
         assert (escalated.route, escalated.model) == ("finetune", model)
 
 

@@ -28,8 +28,6 @@ class Plan:
     summary: DataSummary
     decision: Decision
     validation: ValidationReport | None = None
-    device: str = "gpu"
-    """What the decision planned training for (catalogue.TRAINING_DEVICES); an escalation plans for it too."""
 
 
 def read_data(spec: TaskSpec) -> tuple[ImageDataset | None, DataSummary]:
@@ -119,7 +117,7 @@ def plan(
         decision.warnings.append(
             f"{len(dataset.skipped)} file(s) in the data folder will be skipped (listed in skipped.json)"
         )
-    return Plan(spec, dataset, summary, decision, report, device)
+    return Plan(spec, dataset, summary, decision, report)
 
 
 def evaluation_plan(dataset: ImageDataset, report: ValidationReport, given: bool, leakage: str) -> dict:

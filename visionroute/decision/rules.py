@@ -423,18 +423,17 @@ def escalate(
     summary: DataSummary,
     prices: Prices,
     policy: Policy = DEFAULT_POLICY,
-    *,
-    device: str = "gpu",
 ) -> Decision:
     """The decision after a Vision API missed `vision_api.target_accuracy` in the fit test: the route the
-    rules give without the label_map (a trained model), with the fit figures recorded as the reason."""
+    rules give without the label_map (a trained model), with the fit figures recorded as the reason. It plans
+    training for the device `decision` planned for."""
     without_map = spec.model_copy(
         update={
             "route": "auto",  # a forced vision_api route is what failed: let the rules choose the training route
             "vision_api": spec.vision_api.model_copy(update={"label_map": None, "target_accuracy": None}),
         }
     )
-    trained = decide(without_map, summary, prices, policy, device=device)
+    trained = decide(without_map, summary, prices, policy, device=decision.inputs["training_device"])
     trained.auto_rule = trained.rule
     trained.rule = f"escalated-{trained.route}"
     trained.reasons = [
