@@ -4,10 +4,11 @@
         [--threads 2]
 
 `model: auto` picks the largest model whose three epochs fit the budget at `cpu_train_images_per_s` (fp32) or,
-on CPUs with bf16 instructions, `cpu_bf16_train_images_per_s` (visionroute/training/catalogue.py). This measures both the way
-the engine trains on a CPU: batch 8, every parameter trained, the model's native input size, AdamW, median step
-throughput (single steps on a shared machine occasionally stall 10x). Each precision is timed twice, in
-alternating order, and the slower of the two kept: planning figures should not be a good moment's.
+on CPUs with bf16 instructions, `cpu_bf16_train_images_per_s` (visionroute/training/catalogue.py). This
+measures both the way the engine trains on a CPU: batch 8, every parameter trained, the model's native input
+size, AdamW, median step throughput (single steps on a shared machine occasionally stall 10x). Each precision
+is timed twice, in alternating order, and the slower of the two kept: planning figures should not be a good
+moment's.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 
 import torch
-import torch.nn.functional as F
+from raw_step import median_step_rate
 
 from visionroute.training.catalogue import CATALOGUE
 from visionroute.training.engine import build_model
@@ -32,17 +32,7 @@ def step_rate(model_name: str, batch: int, steps: int, bf16: bool) -> float:
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch, channels, entry.input_size, entry.input_size)
     y = torch.randint(0, 2, (batch,))
-    rates = []
-    for step in range(steps + 1):
-        started = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(model(x), y)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        if step:  # the first step pays one-off set-up
-            rates.append(batch / (time.perf_counter() - started))
-    return statistics.median(rates)
+    return median_step_rate(model, optimiser, x, y, steps, bf16)
 
 
 def positive(text: str) -> int:

@@ -20,12 +20,11 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
+from raw_step import median_step_rate
 
 from visionroute.data.dataset import assign_splits, scan_dataset
 from visionroute.training.engine import (
     TrainConfig,
-    _autocast,
     _set_bn_eval,
     build_model,
     freeze_front,
@@ -50,17 +49,9 @@ def raw_images_per_s(
     freeze_front(model, frozen_fraction)
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, num_classes, (batch,))
-    rates = []
-    for step in range(steps + 1):
-        started = time.perf_counter()
-        with _autocast(x.device):  # the engine's precision: bf16 on a CPU with AMX-BF16 or AVX512-BF16
-            loss = F.cross_entropy(model(x), y)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        if step:  # the first step pays one-off set-up, excluded on both sides
-            rates.append(batch / (time.perf_counter() - started))
-    return statistics.median(rates)
+    # In the engine's precision: bf16 on a CPU with AMX-BF16 or AVX512-BF16. The first step is excluded on both
+    # sides (one-off set-up).
+    return median_step_rate(model, optimiser, x, y, steps, bf16=precision(x.device) == "bf16")
 
 
 SETTABLE = tuple(

@@ -2,9 +2,10 @@
 
 Throughputs are planning figures (images/s): T4 ones are estimates for mixed precision at the model's native
 size; CPU ones are a whole-network training step on 2 cores at the engine's batch of 8, in fp32 and in bf16
-autocast (`bench/cpu_rates.py`, the slower of two timings rounded down, on an AMD EPYC with AVX512-BF16,
-2026-12-07, the lower of two runs; the EfficientNet-Lites' fp32 figures are the lower of that and an earlier Intel measurement at
-batch 16). On small data the engine trains half the backbone, so these are conservative there. Pure data: no torch.
+autocast (`bench/cpu_rates.py` on an AMD EPYC with AVX512-BF16, 2026-12-07: the lowest of two runs' figures,
+rounded down; the EfficientNet-Lites' fp32 figures are the lower of that and an earlier Intel measurement at
+batch 16). On small data the engine trains half the backbone, so these are conservative there. Pure data: no
+torch.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def catalogue_entry(name: str) -> CatalogueEntry:
 
 
 TRAINING_DEVICES = ("gpu", "cpu_bf16", "cpu")
-"""What a training run is planned for: a GPU, a CPU that trains in bf16 (it has bf16 instructions), or in fp32."""
+"""What a training run is planned for: a GPU, a CPU that trains in bf16 (it has bf16 instructions), or one in
+fp32."""
 
 
 def check_training_device(device: str) -> str:
